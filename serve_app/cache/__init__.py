@@ -1,0 +1,8 @@
+"""Model download and cache on the shared model volume (no Ray imports here; see ``deployment.py``).
+
+``ModelStore`` is the API the rest of the app uses; ``python -m serve_app.cache`` is the CLI.
+"""
+
+from serve_app.cache.store import CachedFile, CacheStatus, ModelStore
+
+__all__ = ["CacheStatus", "CachedFile", "ModelStore"]

@@ -1,0 +1,189 @@
+"""One typed error tree for the whole service.
+
+Every error carries a stable machine ``code``, the HTTP ``status`` a transport should map it to, and whether a
+retry may help. Messages are written for clients: no paths outside the volume, no tokens, no tracebacks. The
+transports (ingress, RunPod handler, CLI) translate these; nothing here knows about HTTP libraries.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class ServeError(Exception):
+    """Base of every error we raise on purpose."""
+
+    code: ClassVar[str] = "internal_error"
+    status: ClassVar[int] = 500
+    error_type: ClassVar[str] = "server_error"
+    retryable: ClassVar[bool] = False
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    def to_dict(self) -> dict[str, Any]:
+        """The OpenAI-style error body (without the outer ``{"error": ...}``)."""
+        return {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keep keyword-only ``param`` across pickling (Ray ships exceptions between processes).
+        return (_rebuild, (type(self), self.message, self.param))
+
+
+def _rebuild(cls: type[ServeError], message: str, param: str | None) -> ServeError:
+    return cls(message, param=param)
+
+
+# ---- client errors (4xx) ---------------------------------------------------------------------------------------
+
+
+class InvalidRequestError(ServeError):
+    code = "invalid_request"
+    status = 400
+    error_type = "invalid_request_error"
+
+
+class ContextOverflowError(InvalidRequestError):
+    code = "context_length_exceeded"
+
+
+class ModelNotFoundError(ServeError):
+    code = "model_not_found"
+    status = 404
+    error_type = "invalid_request_error"
+
+
+class AuthenticationError(ServeError):
+    code = "invalid_api_key"
+    status = 401
+    error_type = "authentication_error"
+
+
+class RequestTooLargeError(ServeError):
+    code = "request_too_large"
+    status = 413
+    error_type = "invalid_request_error"
+
+
+class QueueFullError(ServeError):
+    code = "queue_full"
+    status = 429
+    error_type = "rate_limit_error"
+    retryable = True
+
+
+class NotReadyError(ServeError):
+    code = "model_loading"
+    status = 503
+    error_type = "server_error"
+    retryable = True
+
+
+class ShuttingDownError(NotReadyError):
+    code = "shutting_down"
+
+
+# ---- model source / cache errors ------------------------------------------------------------------------------
+
+
+class ModelSourceError(ServeError):
+    """Something about obtaining the model file went wrong."""
+
+    code = "model_source_error"
+    status = 502
+
+
+class InvalidModelReferenceError(ModelSourceError):
+    code = "invalid_model_reference"
+    status = 400
+    error_type = "invalid_request_error"
+
+
+class RepoNotFoundError(ModelSourceError):
+    code = "repo_not_found"
+    status = 404
+
+
+class GatedRepoError(ModelSourceError):
+    code = "gated_repo"
+    status = 403
+
+
+class RemoteFileNotFoundError(ModelSourceError):
+    code = "file_not_found"
+    status = 404
+
+
+class LocalFileNotFoundError(ModelSourceError):
+    """A local model path (no repo id) that does not exist, or a split GGUF with parts missing beside it."""
+
+    code = "local_file_not_found"
+    status = 404
+
+
+class RevisionNotFoundError(ModelSourceError):
+    code = "revision_not_found"
+    status = 404
+
+
+class HubUnreachableError(ModelSourceError):
+    code = "hub_unreachable"
+    status = 503
+    retryable = True
+
+
+class DownloadError(ModelSourceError):
+    code = "download_failed"
+    retryable = True
+
+
+class IntegrityError(ModelSourceError):
+    code = "integrity_error"
+
+
+class NotCachedError(ModelSourceError):
+    """Offline mode and the file is not on the volume."""
+
+    code = "not_cached"
+    status = 503
+
+
+# ---- engine errors -------------------------------------------------------------------------------------------
+
+
+class EngineError(ServeError):
+    code = "engine_error"
+
+
+class ModelLoadError(EngineError):
+    code = "model_load_failed"
+
+
+class OutOfMemoryError(ModelLoadError):
+    code = "out_of_memory"
+
+
+class EngineDeadError(EngineError):
+    code = "engine_dead"
+    status = 503
+    retryable = True
+
+
+ERRORS_BY_CODE: dict[str, type[ServeError]] = {}
+
+
+def _index(cls: type[ServeError]) -> None:
+    ERRORS_BY_CODE.setdefault(cls.code, cls)
+    for sub in cls.__subclasses__():
+        _index(sub)
+
+
+_index(ServeError)
+
+
+def error_from_dict(body: dict[str, Any]) -> ServeError:
+    """Rebuild a typed error sent as a value across a process boundary (see ``ServeError.to_dict``)."""
+    cls = ERRORS_BY_CODE.get(str(body.get("code")), ServeError)
+    return cls(str(body.get("message", "internal error")), param=body.get("param"))

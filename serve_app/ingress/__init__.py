@@ -1,0 +1,1 @@
+"""HTTP + handle ingress over the OpenAI-compatible service."""

@@ -1,0 +1,269 @@
+"""The ``LlamaModel`` deployment: gets its file from ModelCache, owns one batching engine, reports readiness.
+
+The constructor returns at once and loading runs in the background, so the ingress can answer "loading" on its
+readiness route while weights are read (seed process 2: loading -> ready | failed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from serve_app.chat_template import ChatTemplate
+from serve_app.config import AppArgs
+from serve_app.engine import (
+    Delta,
+    Engine,
+    Failed,
+    Finished,
+    LlamaModelHandle,
+    LoadReport,
+    RequestStream,
+    gpu_memory,
+    load_engine,
+)
+from serve_app.errors import (
+    InvalidRequestError,
+    ModelLoadError,
+    NotReadyError,
+    QueueFullError,
+    ServeError,
+    error_from_dict,
+)
+from serve_app.schemas import SamplingParams
+
+log = logging.getLogger("ray.serve")
+
+
+def _event(kind: str, **kw: Any) -> dict[str, Any]:
+    return {"type": kind, **kw}
+
+
+def _error_event(err: ServeError) -> dict[str, Any]:
+    return _event("error", error=err.to_dict(), status=err.status)
+
+
+@serve.deployment(
+    ray_actor_options={"num_cpus": 1, "num_gpus": 1},
+    max_ongoing_requests=256,
+    health_check_period_s=10,
+    graceful_shutdown_timeout_s=30,
+)
+class LlamaModel:
+    def __init__(self, cache: DeploymentHandle, args: dict[str, Any], use_gpu: bool) -> None:
+        self.args = AppArgs.model_validate(args)
+        self.cache = cache
+        self.use_gpu = use_gpu
+        self.model_id = self.args.model_name()
+        self.state = "loading"
+        self.error: dict[str, Any] | None = None
+        self.engine: Engine | None = None
+        self.model: LlamaModelHandle | None = None
+        self.template: ChatTemplate | None = None
+        self.report: LoadReport | None = None
+        self.phases: dict[str, float] = {}
+        self.file: dict[str, Any] | None = None
+        self._t0 = time.perf_counter()
+        # Ray runs the constructor on the replica's event loop thread, so the load task lives on that loop.
+        self._load_task = asyncio.get_running_loop().create_task(self._load())
+
+    # ---- loading -------------------------------------------------------------------------------------------
+
+    async def _load(self) -> None:
+        ref = self.args.model.model_dump()
+        try:
+            t = time.perf_counter()
+            self.file = await self._cache_call("ensure", ref)
+            self.phases["cache_s"] = time.perf_counter() - t
+            try:
+                await self._load_file(self.file["path"])
+            except ModelLoadError as e:
+                if type(e) is not ModelLoadError:
+                    raise
+                # llama.cpp could not read the file: have the cache re-verify (and re-download) it once.
+                log.warning("llama.cpp could not load %s; asking ModelCache to re-verify it", self.file["path"])
+                self.file = await self._cache_call("heal", ref)
+                await self._load_file(self.file["path"])
+            self.state = "ready"
+            self.phases["ready_s"] = time.perf_counter() - self._t0
+            log.info("model %s ready in %.2f s (%s)", self.model_id, self.phases["ready_s"], self.phases)
+        except ServeError as e:
+            self.state, self.error = "failed", e.to_dict()
+            log.error("model %s failed to load: %s", self.model_id, e.message)
+        except Exception as e:  # anything unexpected still leaves a readable state, not a hung "loading"
+            self.state, self.error = "failed", {"message": f"{type(e).__name__}: {e}", "code": "load_failed"}
+            log.exception("model %s failed to load", self.model_id)
+
+    async def _cache_call(self, method: str, ref: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = await getattr(self.cache, method).remote(ref)
+        if "error" in result:
+            raise error_from_dict(result["error"])
+        return result
+
+    async def _load_file(self, path: str) -> None:
+        assert self.file is not None
+        key = hashlib.sha256(f"{self.file.get('sha256')}|{path}".encode()).hexdigest()[:16]
+        profile = os.path.join(self.args.cache_dir, ".engine-profiles", f"{key}-{'gpu' if self.use_gpu else 'cpu'}.json")
+        t = time.perf_counter()
+        self.engine, self.model, self.report = await asyncio.to_thread(
+            load_engine, path, self.args.engine, want_gpu=self.use_gpu, profile_path=profile)
+        self.phases["load_s"] = time.perf_counter() - t
+        src = self.args.server.chat_template or self.model.chat_template()
+        self.template = ChatTemplate(src, self.model.token_text(self.model.bos), self.model.token_text(self.model.eos))
+
+    # ---- Ray Serve hooks -----------------------------------------------------------------------------------
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        if "max_batch_size" in user_config:
+            self._admit.set_max_batch_size(int(user_config["max_batch_size"]))
+        if "batch_wait_timeout_s" in user_config:
+            self._admit.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
+
+    def check_health(self) -> None:
+        if self.engine is not None and self.engine.dead:
+            raise RuntimeError(f"engine dead: {self.engine.dead}")
+        if self.state == "failed":
+            raise RuntimeError(f"model failed to load: {(self.error or {}).get('message')}")
+
+    def __del__(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+
+    # ---- API used by the ingress ---------------------------------------------------------------------------
+
+    async def info(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"state": self.state, "model": self.model_id, "error": self.error,
+                               "phases": self.phases, "file": self.file}
+        if self.engine is not None:
+            st = self.engine.stats()
+            out.update(n_ctx_seq=self.engine.n_ctx_seq, slots_total=st.slots_total, slots_busy=st.slots_busy,
+                       waiting=st.waiting, kv_cells_used=st.kv_cells_used, kv_cells_total=st.kv_cells_total,
+                       tokens_generated=st.tokens_generated, tokens_prompt=st.tokens_prompt, dead=st.dead,
+                       plan=self.report.plan if self.report else None)
+        out["gpu_memory"] = gpu_memory() if self.use_gpu else None
+        return out
+
+    async def generate(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Stream events for one request: ``delta`` ... then ``done`` or ``error`` (errors are values: they cross
+        Ray without traceback wrapping)."""
+        try:
+            stream = await self._start(body)
+        except ServeError as e:
+            yield _error_event(e)
+            return
+        try:
+            async for ev in stream.events():
+                if isinstance(ev, Delta):
+                    yield _event("delta", text=ev.text, n=ev.n_tokens)
+                elif isinstance(ev, Finished):
+                    yield _event("done", finish_reason=ev.finish_reason, usage=ev.usage.model_dump(),
+                                 timings=ev.timings.model_dump())
+                elif isinstance(ev, Failed):
+                    yield _error_event(ev.error)
+        finally:
+            stream.close()
+
+    async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Non-streaming: the whole text, or ``{"type": "error", ...}``."""
+        try:
+            stream = await self._start(body)
+        except ServeError as e:
+            return _error_event(e)
+        parts: list[str] = []
+        try:
+            async for ev in stream.events():
+                if isinstance(ev, Delta):
+                    parts.append(ev.text)
+                elif isinstance(ev, Finished):
+                    return _event("done", text="".join(parts), finish_reason=ev.finish_reason,
+                                  usage=ev.usage.model_dump(), timings=ev.timings.model_dump())
+                elif isinstance(ev, Failed):
+                    return _error_event(ev.error)
+        finally:
+            stream.close()
+        return _error_event(ServeError("generation ended without a result"))
+
+    async def tokenize(self, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            model = self._ready_model()
+            if body.get("messages") is not None:
+                tokens = self._prompt_tokens(body)
+            else:
+                tokens = model.tokenize(str(body.get("text", "")), bool(body.get("add_special", True)), True)
+            return {"tokens": tokens}
+        except ServeError as e:
+            return _error_event(e)
+
+    async def detokenize(self, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            model = self._ready_model()
+            tokens = [int(t) for t in body.get("tokens", [])]
+            if any(not model.valid_token(t) for t in tokens):
+                raise InvalidRequestError("token ids must be within the vocabulary", param="tokens")
+            return {"content": model.detokenize(tokens, special=True)}
+        except ServeError as e:
+            return _error_event(e)
+
+    # ---- internals -----------------------------------------------------------------------------------------
+
+    def _ready_model(self) -> LlamaModelHandle:
+        if self.state != "ready" or self.model is None:
+            raise NotReadyError(f"the model is {self.state}; retry shortly")
+        return self.model
+
+    def _prompt_tokens(self, body: dict[str, Any]) -> list[int]:
+        model = self._ready_model()
+        if body.get("messages") is not None:
+            assert self.template is not None
+            text = self.template.render(body["messages"], add_generation_prompt=True)
+            # Templates usually write the BOS text themselves; adding another would double it.
+            bos_text = self.template.bos_token
+            add_special = model.add_bos and not (bos_text and text.startswith(bos_text))
+            return model.tokenize(text, add_special=add_special, parse_special=True)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list):
+            return [int(t) for t in prompt]
+        return model.tokenize(str(prompt or ""), add_special=True, parse_special=False)
+
+    async def _start(self, body: dict[str, Any]) -> RequestStream:
+        if self.state != "ready" or self.engine is None:
+            raise NotReadyError(f"the model is {self.state}; retry shortly")
+        params = SamplingParams.model_validate(body.get("params") or {})
+        tokens = self._prompt_tokens(body)
+        self.engine.check_prompt(len(tokens))
+        stream = RequestStream(str(body.get("request_id") or uuid.uuid4().hex), tokens, params)
+        err = await self._admit(stream)
+        if err is not None:
+            raise err
+        stream.bind(self.engine)
+        return stream
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
+    async def _admit(self, streams: list[RequestStream]) -> list[ServeError | None]:
+        """Ray Serve dynamic batching at admission: requests that arrive together enter the engine in one
+        command, so they are admitted in the same step and their prompts prefill in one llama batch. Generation
+        itself is continuous (the engine), so a short request never waits for a long one."""
+        assert self.engine is not None
+        try:
+            self.engine.submit([s.request for s in streams])
+            return [None] * len(streams)
+        except QueueFullError:
+            out: list[ServeError | None] = []
+            for s in streams:
+                try:
+                    self.engine.submit([s.request])
+                    out.append(None)
+                except ServeError as e:
+                    out.append(e)
+            return out
+        except ServeError as e:
+            return [e] * len(streams)

@@ -1,0 +1,60 @@
+"""Session fixtures: tiny GGUF models, a loopback Hub, and one Ray instance for the whole run.
+
+Nothing here reaches the internet: HF_ENDPOINT always points at a FakeHub on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
+
+from tests.support.fake_hub import FakeHub  # noqa: E402
+from tests.support.gguf_factory import ModelSpec, write_gguf  # noqa: E402
+
+TEST_REPO = "acme/tiny-chat-GGUF"
+TEST_FILE = "tiny-chat-F16.gguf"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return Path(write_gguf(tmp_path_factory.mktemp("models") / TEST_FILE, ModelSpec()))
+
+
+@pytest.fixture(scope="session")
+def hub(tiny_model: Path) -> Iterator[FakeHub]:
+    with FakeHub() as h:
+        h.add_file(TEST_REPO, TEST_FILE, tiny_model)
+        h.add_file(TEST_REPO, "README.md", b"# tiny chat model for tests\n")
+        yield h
+
+
+@pytest.fixture(scope="session")
+def ray_session(hub: FakeHub) -> Iterator[str]:
+    """Ray + Serve for the session; yields the HTTP base URL. Replicas inherit the environment at ``ray.init``,
+    so HF_ENDPOINT must point at the loopback Hub before it."""
+    import ray
+    from ray import serve
+
+    os.environ["HF_ENDPOINT"] = hub.endpoint
+    port = free_port()
+    # Logical CPUs above the 2 physical cores: light replicas ask for 0 CPU, LlamaModel for 1, and the second
+    # test app must still fit. llama.cpp's threads are what actually use the cores.
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()

@@ -1,0 +1,215 @@
+"""The batching engine on real llama.cpp (tiny generated F16 model, no Ray): batched output matches solo output,
+sequences finish independently, late joiners are not held back, cancellation and completion free KV, stop strings
+work across tokens, limits fail before any work, and the memory ladder recovers from a context that does not fit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from serve_app.config import EngineConfig
+from serve_app.engine import (
+    Delta,
+    Engine,
+    EngineRequest,
+    Failed,
+    Finished,
+    LlamaModelHandle,
+    load_engine,
+    open_stream,
+)
+from serve_app.errors import ContextOverflowError, OutOfMemoryError, QueueFullError
+from serve_app.schemas import SamplingParams
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model: Path):
+    eng, model, _ = load_engine(str(tiny_model), EngineConfig(n_parallel=4, n_ctx_per_slot=256, max_queue=4,
+                                                              prefill_chunk=32), want_gpu=False)
+    yield eng, model
+    eng.shutdown()
+
+
+def greedy(n: int, **kw) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, **kw)
+
+
+async def run(eng: Engine, model: LlamaModelHandle, prompt: str, params: SamplingParams,
+              rid: str = "") -> tuple[str, Finished | Failed, list[str]]:
+    s = open_stream(eng, rid or prompt, model.tokenize(prompt, True, False), params)
+    deltas: list[str] = []
+    async for ev in s.events():
+        if isinstance(ev, Delta):
+            deltas.append(ev.text)
+        else:
+            return "".join(deltas), ev, deltas
+    raise AssertionError("stream ended without a final event")
+
+
+PROMPTS = [f"the {w} fox and the {i} lazy dog say" for i, w in enumerate("quick brown lazy cache token batch".split())]
+
+
+def test_concurrent_greedy_equals_solo(loaded) -> None:
+    eng, model = loaded
+
+    async def main() -> tuple[list, list]:
+        together = await asyncio.gather(*[run(eng, model, p, greedy(24)) for p in PROMPTS])
+        alone = [await run(eng, model, p, greedy(24)) for p in PROMPTS]
+        return together, alone
+
+    together, alone = asyncio.run(main())
+    same = sum(a[0] == b[0] for a, b in zip(together, alone, strict=True))
+    # F16 on CPU: a 1-token step takes a different matmul kernel than a batched one (~1e-3 logit noise), so
+    # exactness is only expected away from near-ties; with this peaky model every run so far matched 6/6.
+    assert same >= len(PROMPTS) - 1, [(a[0], b[0]) for a, b in zip(together, alone, strict=True)]
+    assert all(isinstance(t[1], Finished) and t[1].usage.completion_tokens == 24 for t in together)
+
+
+def finish_order(eng: Engine, model: LlamaModelHandle, jobs: list[tuple[str, int, int]],
+                 stagger: bool = False) -> tuple[list[str], dict[str, Finished]]:
+    """Submit (name, prompt index, max_tokens) jobs and record the order in which the ENGINE finishes them (the
+    asyncio side may observe completions in a different order when it lags behind the decode thread)."""
+    order: list[str] = []
+    fins: dict[str, Finished] = {}
+    done = threading.Event()
+
+    def emitter(name: str):
+        def emit(ev) -> None:
+            if isinstance(ev, Finished | Failed):
+                order.append(name)
+                fins[name] = ev
+                if len(order) == len(jobs):
+                    done.set()
+        return emit
+
+    for k, (name, i, n) in enumerate(jobs):
+        if k and stagger:  # let the earlier requests get into decoding first
+            start = eng.stats().tokens_generated
+            while eng.stats().tokens_generated < start + 5 and not done.is_set():
+                time.sleep(0.0005)
+        eng.submit([EngineRequest(name, model.tokenize(PROMPTS[i], True, False), greedy(n), emitter(name))])
+    assert done.wait(60)
+    return order, fins
+
+
+def test_different_lengths_finish_independently_and_free_kv(loaded) -> None:
+    eng, model = loaded
+    order, fins = finish_order(eng, model, [("n40", 0, 40), ("n5", 1, 5), ("n20", 2, 20), ("n10", 3, 10)])
+    assert order == ["n5", "n10", "n20", "n40"]
+    assert {k: f.usage.completion_tokens for k, f in fins.items()} == {"n40": 40, "n5": 5, "n20": 20, "n10": 10}
+    assert all(f.finish_reason == "length" for f in fins.values())
+    assert eng.kv_free() and eng.stats().slots_busy == 0
+
+
+def test_late_joiner_finishes_first(loaded) -> None:
+    eng, model = loaded
+    # The long request is well into decoding when the short one arrives; the short one must not wait for it.
+    order, fins = finish_order(eng, model, [("long", 0, 230), ("short", 1, 3)], stagger=True)
+    assert order == ["short", "long"]
+    assert fins["long"].usage.completion_tokens == 230
+
+
+def test_cancelled_stream_frees_its_slot(loaded) -> None:
+    eng, model = loaded
+
+    async def main() -> None:
+        s = open_stream(eng, "cancel-me", model.tokenize(PROMPTS[2], True, False), greedy(200))
+        seen = 0
+        async for ev in s.events():
+            if isinstance(ev, Delta):
+                seen += 1
+            if seen == 3:
+                break  # closing the iterator cancels the request
+        steps_at_cancel = eng.steps
+        for _ in range(500):
+            if eng.stats().slots_busy == 0:
+                break
+            await asyncio.sleep(0.002)
+        assert eng.stats().slots_busy == 0
+        assert eng.steps - steps_at_cancel <= 2
+        assert eng.kv_free()
+
+    asyncio.run(main())
+
+
+def test_stop_string_across_token_boundary(loaded) -> None:
+    eng, model = loaded
+
+    async def main() -> None:
+        text, fin, _ = await run(eng, model, PROMPTS[3], greedy(40))
+        # Choose a stop string that starts inside one token and ends inside the next one.
+        pieces = [model.piece(t).decode("utf-8", "replace") for t in model.tokenize(text, False, False)]
+        assert len(text) > 12
+        stop = text[6:12]
+        text2, fin2, deltas = await run(eng, model, PROMPTS[3], greedy(40, stop=(stop,)))
+        assert isinstance(fin2, Finished) and fin2.finish_reason == "stop"
+        assert text2 == text[: text.index(stop)]
+        assert stop not in "".join(deltas)
+        assert pieces  # the reference text really was several tokens
+
+    asyncio.run(main())
+
+
+def test_limits_fail_before_work(loaded) -> None:
+    eng, model = loaded
+    too_long = list(range(10, 10 + eng.n_ctx_seq))
+    with pytest.raises(ContextOverflowError):
+        eng.check_prompt(len(too_long))
+
+    async def main() -> None:
+        with pytest.raises(ContextOverflowError):
+            open_stream(eng, "long", too_long, greedy(4))
+        # max_tokens beyond the room left finishes with "length" at the slot's end.
+        prompt = model.tokenize(PROMPTS[0], True, False)
+        s = open_stream(eng, "room", prompt * ((eng.n_ctx_seq - 8) // len(prompt)), greedy(10_000))
+        fin = [ev async for ev in s.events()][-1]
+        assert isinstance(fin, Finished) and fin.finish_reason == "length"
+        assert fin.usage.total_tokens <= eng.n_ctx_seq
+
+    asyncio.run(main())
+    assert eng.kv_free()
+
+
+def test_queue_is_bounded(loaded) -> None:
+    eng, model = loaded
+
+    async def main() -> None:
+        streams = [open_stream(eng, f"q{i}", model.tokenize(PROMPTS[0], True, False), greedy(50))
+                   for i in range(eng.max_pending)]
+        with pytest.raises(QueueFullError):
+            open_stream(eng, "one-too-many", model.tokenize(PROMPTS[0], True, False), greedy(5))
+        for s in streams:
+            s.close()
+        for _ in range(500):
+            if eng.stats().slots_busy == 0 and eng.stats().waiting == 0:
+                break
+            await asyncio.sleep(0.002)
+        assert eng.kv_free() and eng.stats().waiting == 0
+
+    asyncio.run(main())
+
+
+def test_memory_ladder_recovers_and_remembers(tiny_model: Path, tmp_path: Path) -> None:
+    profile = tmp_path / "profile.json"
+    cfg = EngineConfig(n_parallel=8, n_ctx_per_slot=4096, memory_budget_mb=2)
+    eng, _, report = load_engine(str(tiny_model), cfg, want_gpu=False, profile_path=str(profile))
+    try:
+        assert report.tried, "the first plan should not have fit"
+        assert report.plan["n_parallel"] < 8 or report.plan["n_ctx_per_slot"] < 4096
+        assert json.loads(profile.read_text())["plan"] == report.plan
+    finally:
+        eng.shutdown()
+    eng2, _, report2 = load_engine(str(tiny_model), cfg, want_gpu=False, profile_path=str(profile))
+    eng2.shutdown()
+    assert report2.from_profile and not report2.tried and report2.plan == report.plan
+    with pytest.raises(OutOfMemoryError):
+        load_engine(str(tiny_model), EngineConfig(memory_budget_mb=1, n_parallel=1, n_ctx_per_slot=256,
+                                                  n_batch=64, n_ubatch=64, kv_type="q4_0") , want_gpu=False)
