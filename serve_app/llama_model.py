@@ -18,6 +18,7 @@ from typing import Any
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from serve_app.cache.reply import unwrap
 from serve_app.chat_template import ChatTemplate
 from serve_app.config import AppArgs
 from serve_app.engine import (
@@ -37,7 +38,6 @@ from serve_app.errors import (
     NotReadyError,
     QueueFullError,
     ServeError,
-    error_from_dict,
 )
 from serve_app.schemas import SamplingParams
 
@@ -104,9 +104,7 @@ class LlamaModel:
             log.exception("model %s failed to load", self.model_id)
 
     async def _cache_call(self, method: str, ref: dict[str, Any]) -> dict[str, Any]:
-        result: dict[str, Any] = await getattr(self.cache, method).remote(ref)
-        if "error" in result:
-            raise error_from_dict(result["error"])
+        result: dict[str, Any] = unwrap(await getattr(self.cache, method).remote(ref))
         return result
 
     async def _load_file(self, path: str) -> None:

@@ -1,0 +1,141 @@
+"""``python -m serve_app.cache``: pull, status, verify, list and rm models on a cache volume.
+
+Contract: with ``--json`` the last stdout line is one JSON object (``state``, ``path``, ``size``, ``sha256``,
+``revision``, ``commit``, ...; ``{"files": [...]}`` for ``list``; ``{"error": {...}}`` on failure). Exit codes:
+0 success / present, 1 error, 2 usage, 3 corrupt, 4 missing, 130 interrupted. Every failure ends stderr with one
+readable ``error: ...`` line and never a traceback. ``HF_ENDPOINT``, ``HF_TOKEN`` and ``HF_HUB_OFFLINE`` apply.
+Use ``-`` as REPO_ID for a local file path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+from pydantic import ValidationError
+
+from serve_app.cache.store import CachedFile, CacheStatus, ModelStore
+from serve_app.config import DownloadConfig, ModelRef
+from serve_app.errors import ServeError
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CORRUPT, EXIT_MISSING = 0, 1, 2, 3, 4
+_STATE_EXIT = {"present": EXIT_OK, "corrupt": EXIT_CORRUPT, "missing": EXIT_MISSING}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m serve_app.cache", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="progress and retry details on stderr")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    helps = {
+        "pull": "download (if needed) and verify a model file",
+        "status": "present / missing / corrupt, without re-hashing unless size or mtime changed",
+        "verify": "re-hash the cached file(s) against the recorded sha256",
+        "rm": "delete a cached model and its manifest entries",
+    }
+    for name, text in helps.items():
+        cmd = sub.add_parser(name, help=text, description=text)
+        cmd.add_argument("repo_id", metavar="REPO_ID", help="owner/name on the Hub, or '-' for a local path")
+        cmd.add_argument("filename", metavar="FILENAME", help="file, quant pattern ('*Q4_K_M.gguf') or local path")
+        cmd.add_argument("--revision", default="main", help="branch, tag or commit (default: main)")
+        _common(cmd)
+        if name == "pull":
+            cmd.add_argument("--refresh", action="store_true", help="re-resolve the revision on the Hub")
+            cmd.add_argument("--progress", choices=("auto", "bar", "log", "none"), default="auto")
+            cmd.add_argument("--max-attempts", type=int, default=None)
+            cmd.add_argument("--timeout", type=float, default=None, help="overall deadline per file, seconds")
+            cmd.add_argument("--read-timeout", type=float, default=None, help="socket read timeout, seconds")
+    _common(sub.add_parser("list", help="list cached models", description="list cached models"))
+    return parser
+
+
+def _common(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--cache-dir", required=True, help="the model volume")
+    cmd.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
+
+
+def _download_config(args: argparse.Namespace) -> DownloadConfig:
+    overrides = {
+        "max_attempts": getattr(args, "max_attempts", None),
+        "timeout_s": getattr(args, "timeout", None),
+        "read_timeout_s": getattr(args, "read_timeout", None),
+    }
+    return DownloadConfig(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def _ref(args: argparse.Namespace) -> ModelRef:
+    repo_id = None if args.repo_id == "-" else args.repo_id
+    return ModelRef(repo_id=repo_id, filename=args.filename, revision=args.revision)
+
+
+def _as_status(cached: CachedFile) -> dict[str, Any]:
+    return {"state": "present", **cached.model_dump()}
+
+
+def _human(info: dict[str, Any]) -> str:
+    state = info.get("state", "present")
+    where = info.get("path") or f"{info.get('repo_id')}/{info.get('filename')}"
+    extra = f"  {info['size']} bytes  sha256 {info['sha256']}" if info.get("sha256") else ""
+    return f"{state:8} {where}{extra}"
+
+
+def run(args: argparse.Namespace) -> int:
+    store = ModelStore(args.cache_dir, _download_config(args), progress=getattr(args, "progress", "auto"))
+    if args.command == "list":
+        files = [f.model_dump() for f in store.list()]
+        for f in files:
+            print(_human({"state": "present", **f}))
+        if args.json:
+            print(json.dumps({"files": files}))
+        return EXIT_OK
+    ref = _ref(args)
+    if args.command == "rm":
+        store.invalidate(ref)
+        info: dict[str, Any] = {"state": "missing", "repo_id": ref.repo_id, "filename": ref.filename,
+                                "revision": ref.revision, "path": None, "size": None, "sha256": None}
+    elif args.command == "pull":
+        info = _as_status(store.ensure(ref, refresh=args.refresh))
+    else:
+        result: CacheStatus = store.verify(ref) if args.command == "verify" else store.status(ref)
+        info = result.model_dump()
+    print(_human(info) if args.command != "rm" else f"removed  {ref.repo_id or ''} {ref.filename}")
+    if args.json:
+        print(json.dumps(info))
+    return EXIT_OK if args.command == "rm" else _STATE_EXIT[info["state"]]
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx2").setLevel(logging.WARNING)  # one INFO line per request otherwise
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+
+
+def _fail(message: str, as_json: bool, body: dict[str, Any] | None = None) -> None:
+    if as_json:
+        print(json.dumps({"error": body or {"message": message, "code": "internal_error"}}))
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.verbose)
+    try:
+        return run(args)
+    except ServeError as err:
+        _fail(f"{err.code}: {err.message}", args.json, err.to_dict())
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        _fail("interrupted", args.json)
+        return 130
+    except ValidationError as err:  # the reference or the download options
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "argument"
+        _fail(f"invalid {where}: {first.get('msg', 'invalid value')}", args.json)
+        return EXIT_USAGE
+    except Exception as err:
+        logging.getLogger("serve_app.cache").debug("unexpected error", exc_info=True)
+        _fail(f"internal error: {type(err).__name__}: {err}", args.json)
+        return EXIT_ERROR
