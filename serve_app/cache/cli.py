@@ -2,9 +2,9 @@
 
 Contract: with ``--json`` the last stdout line is one JSON object (``state``, ``path``, ``size``, ``sha256``,
 ``revision``, ``commit``, ...; ``{"files": [...]}`` for ``list``; ``{"error": {...}}`` on failure). Exit codes:
-0 success / present, 1 error, 2 usage, 3 corrupt, 4 missing, 130 interrupted. Every failure ends stderr with one
-readable ``error: ...`` line and never a traceback. ``HF_ENDPOINT``, ``HF_TOKEN`` and ``HF_HUB_OFFLINE`` apply.
-Use ``-`` as REPO_ID for a local file path.
+0 success / present, 1 error, 2 usage, 3 corrupt, 4 missing, 130 interrupted. A failure prints exactly one
+readable ``error: ...`` line on stderr and never a traceback (``-v`` adds progress, retry and lock-wait lines
+before it). ``HF_ENDPOINT``, ``HF_TOKEN`` and ``HF_HUB_OFFLINE`` apply. Use ``-`` as REPO_ID for a local path.
 """
 
 from __future__ import annotations
@@ -107,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _configure_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
+    # Quiet by default so that a failure leaves exactly one line on stderr; -v shows progress, retries, waits.
+    logging.basicConfig(level=logging.INFO if verbose else logging.ERROR, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx2").setLevel(logging.WARNING)  # one INFO line per request otherwise
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
