@@ -58,3 +58,41 @@ def ray_session(hub: FakeHub) -> Iterator[str]:
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
     ray.shutdown()
+
+
+def wait_ready(base: str, timeout: float = 120) -> dict:
+    import time
+
+    import httpx
+
+    deadline = time.time() + timeout
+    last: dict = {}
+    while time.time() < deadline:
+        r = httpx.get(f"{base}/ready", timeout=10)
+        last = r.json()
+        if r.status_code == 200:
+            return last
+        assert last["status"] == "loading", last
+        time.sleep(0.2)
+    raise AssertionError(f"not ready: {last}")
+
+
+LLM_APP_ARGS = {
+    "model": {"repo_id": TEST_REPO, "filename": TEST_FILE},
+    "accelerator": "auto",
+    "engine": {"n_parallel": 4, "n_ctx_per_slot": 512, "max_queue": 8},
+}
+
+
+@pytest.fixture(scope="session")
+def llm_app(ray_session: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The application ``llm`` (the real graph on the tiny model, pulled from the loopback Hub), deployed once per
+    session and ready; yields its HTTP base URL. Tests that need other settings deploy their own app."""
+    from ray import serve
+
+    from serve_app.builder import build_app
+
+    args = {**LLM_APP_ARGS, "cache_dir": str(tmp_path_factory.mktemp("volume"))}
+    serve.run(build_app(args), name="llm", route_prefix="/")
+    wait_ready(ray_session)
+    return ray_session

@@ -36,7 +36,6 @@ from serve_app.errors import DownloadError, IntegrityError, ServeError
 
 log = logging.getLogger("serve_app.cache")
 
-_RECV_CHUNK = 1024 * 1024
 _LOG_EVERY_S = 5.0
 
 
@@ -262,18 +261,25 @@ def _check_advertised(job: FetchJob, location: Location) -> None:
 
 
 def _receive(job: FetchJob, location: Location, part: PartialFile) -> None:
+    if part.written == job.remote.size:
+        return  # an earlier attempt received every byte before failing: verification decides
     headers = {**location.headers, "Accept-Encoding": "identity"}
     if part.written:
         headers["Range"] = f"bytes={part.written}-"
     timeout = httpx2.Timeout(job.io_timeout())
     with get_session().stream("GET", location.url, headers=headers, timeout=timeout, follow_redirects=True) as resp:
+        if resp.status_code == 416 and part.written:
+            offset = part.written
+            part.reset()
+            raise _Transient(f"the server refused to resume at byte {offset}")
         if resp.status_code >= 400:
             resp.read()  # the error mapper reads the body
             hf_raise_for_status(resp)
         _align_resume(resp, part)
         progress = make_progress(job.progress, job.what, job.remote.size, part.written)
         try:
-            for chunk in resp.iter_bytes(_RECV_CHUNK):
+            # Unchunked: data is written as it arrives, so a resumed attempt loses nothing already received.
+            for chunk in resp.iter_bytes():
                 part.write(chunk)
                 progress.update(len(chunk))
                 if part.written > job.remote.size:

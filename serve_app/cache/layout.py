@@ -67,6 +67,10 @@ class Layout:
         """Manifest paths are relative to the volume (it may be mounted elsewhere on another worker)."""
         return stored_path if os.path.isabs(stored_path) else contained_path(self.root, stored_path)
 
+    def display_path(self, stored_path: str) -> str:
+        """Absolute form of a manifest path for reporting; unchecked, so only for already-verified records."""
+        return stored_path if os.path.isabs(stored_path) else os.path.join(self.root, stored_path)
+
     def remove_empty_parents(self, path: str) -> None:
         models = os.path.join(self.root, "models")
         parent = os.path.dirname(path)

@@ -374,7 +374,7 @@ class ModelStore:
 
     def _from_records(self, revision: str, records: list[FileRecord]) -> CachedFile:
         first = records[0]
-        parts = [self.layout.absolute(r.path) for r in records]
+        parts = [self.layout.display_path(r.path) for r in records]
         return CachedFile(
             repo_id=first.repo_id, filename=first.filename, revision=revision, commit=first.commit, path=parts[0],
             size=sum(r.size for r in records), sha256=first.sha256,

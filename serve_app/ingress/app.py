@@ -31,6 +31,12 @@ log = logging.getLogger("ray.serve")
 OPEN_PATHS = frozenset({"/health", "/ready", "/v1/health", "/"})
 
 
+def route_path(scope: Scope) -> str:
+    """The path below the application's route prefix (Ray Serve sets it as ``root_path``)."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    return path[len(root):] or "/" if root and path.startswith(root) else path
+
+
 def error_response(err: ServeError, request_id: str | None = None) -> JSONResponse:
     headers = {"Retry-After": "1"} if err.status in (429, 503) else {}
     if request_id:
@@ -58,7 +64,7 @@ class GuardMiddleware:
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v for k, v in scope.get("headers", [])}
-        if self.keys and scope.get("path", "") not in OPEN_PATHS and not self._authorised(headers):
+        if self.keys and route_path(scope) not in OPEN_PATHS and not self._authorised(headers):
             await error_response(AuthenticationError("missing or invalid API key (Authorization: Bearer ...)"))(
                 scope, receive, send)
             return
@@ -102,7 +108,7 @@ def build_asgi_app(service: OpenAIService, *, api_keys: list[str], max_body_byte
         async def handler(request: Request) -> Response:
             rid = request.headers.get("x-request-id") or uuid.uuid4().hex
             try:
-                if is_shutting_down() and request.url.path not in OPEN_PATHS:
+                if is_shutting_down() and route_path(request.scope) not in OPEN_PATHS:
                     raise NotReadyError("the server is shutting down")
                 return await fn(request, rid)
             except ServeError as e:

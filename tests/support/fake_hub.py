@@ -114,7 +114,7 @@ class FakeHub:
             server = ThreadingHTTPServer(("127.0.0.1", port), handler)
             server.daemon_threads = True
             self._servers[role] = server
-            threading.Thread(target=server.serve_forever, name=f"fake-{role}", daemon=True).start()
+            threading.Thread(target=server.serve_forever, args=(0.05,), name=f"fake-{role}", daemon=True).start()
         self.endpoint = f"http://127.0.0.1:{self._servers['hub'].server_address[1]}"
         self.cdn_endpoint = f"http://127.0.0.1:{self._servers['cdn'].server_address[1]}"
         return self
