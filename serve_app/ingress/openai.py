@@ -14,7 +14,13 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, ValidationError
 
-from serve_app.errors import InvalidRequestError, ModelNotFoundError, NotReadyError, ServeError, error_from_dict
+from serve_app.errors import (
+    InvalidRequestError,
+    ModelNotFoundError,
+    NotReadyError,
+    ServeError,
+    error_from_dict,
+)
 from serve_app.schemas import (
     ChatCompletionRequest,
     CompletionRequest,

@@ -15,7 +15,12 @@ import pytest
 
 from serve_app.cache import ModelStore
 from serve_app.config import DownloadConfig, ModelRef
-from serve_app.errors import IntegrityError, InvalidModelReferenceError, LocalFileNotFoundError, NotCachedError
+from serve_app.errors import (
+    IntegrityError,
+    InvalidModelReferenceError,
+    LocalFileNotFoundError,
+    NotCachedError,
+)
 from tests.support.fake_hub import FakeHub
 
 pytestmark = pytest.mark.timeout(60)

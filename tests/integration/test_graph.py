@@ -6,7 +6,7 @@ from __future__ import annotations
 import openai
 import pytest
 
-from tests.conftest import TEST_FILE, TEST_REPO, wait_ready
+from tests.conftest import TEST_REPO, wait_ready
 
 pytestmark = pytest.mark.timeout(240)
 
