@@ -39,6 +39,7 @@ from serve_app.errors import (
     QueueFullError,
     ServeError,
 )
+from serve_app.metrics import ModelMetrics
 from serve_app.schemas import SamplingParams
 
 log = logging.getLogger("ray.serve")
@@ -73,6 +74,9 @@ class LlamaModel:
         self.phases: dict[str, float] = {}
         self.file: dict[str, Any] | None = None
         self._t0 = time.perf_counter()
+        self._first_token_logged = False
+        self.metrics = ModelMetrics()
+        self._gauges_task = asyncio.get_running_loop().create_task(self._report_gauges())
         # Ray runs the constructor on the replica's event loop thread, so the load task lives on that loop.
         self._load_task = asyncio.get_running_loop().create_task(self._load())
 
@@ -95,6 +99,8 @@ class LlamaModel:
                 await self._load_file(self.file["path"])
             self.state = "ready"
             self.phases["ready_s"] = time.perf_counter() - self._t0
+            for k, v in self.phases.items():
+                self.metrics.phase.set(v, tags={"phase": k})
             log.info("model %s ready in %.2f s (%s)", self.model_id, self.phases["ready_s"], self.phases)
         except ServeError as e:
             self.state, self.error = "failed", e.to_dict()
@@ -163,8 +169,10 @@ class LlamaModel:
                 if isinstance(ev, Delta):
                     yield _event("delta", text=ev.text, n=ev.n_tokens)
                 elif isinstance(ev, Finished):
-                    yield _event("done", finish_reason=ev.finish_reason, usage=ev.usage.model_dump(),
-                                 timings=ev.timings.model_dump())
+                    done = _event("done", finish_reason=ev.finish_reason, usage=ev.usage.model_dump(),
+                                  timings=ev.timings.model_dump())
+                    self._observe(done)
+                    yield done
                 elif isinstance(ev, Failed):
                     yield _error_event(ev.error)
         finally:
@@ -173,7 +181,7 @@ class LlamaModel:
     async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
         """Non-streaming: the whole text, or ``{"type": "error", ...}``."""
         try:
-            stream = await self._start(body)
+            stream = await self._start(body, stream=False)
         except ServeError as e:
             return _error_event(e)
         parts: list[str] = []
@@ -182,8 +190,10 @@ class LlamaModel:
                 if isinstance(ev, Delta):
                     parts.append(ev.text)
                 elif isinstance(ev, Finished):
-                    return _event("done", text="".join(parts), finish_reason=ev.finish_reason,
+                    done = _event("done", text="".join(parts), finish_reason=ev.finish_reason,
                                   usage=ev.usage.model_dump(), timings=ev.timings.model_dump())
+                    self._observe(done)
+                    return done
                 elif isinstance(ev, Failed):
                     return _error_event(ev.error)
         finally:
@@ -213,6 +223,34 @@ class LlamaModel:
 
     # ---- internals -----------------------------------------------------------------------------------------
 
+    def _observe(self, done: dict[str, Any]) -> None:
+        self.metrics.observe_finish(done["finish_reason"], done["usage"], done["timings"])
+        if not self._first_token_logged and done["usage"]["completion_tokens"]:
+            # Cold start ends with the first token served, not with the weights loaded (seed process 6).
+            self._first_token_logged = True
+            self.phases["first_token_s"] = time.perf_counter() - self._t0
+            self.metrics.phase.set(self.phases["first_token_s"], tags={"phase": "first_token_s"})
+            log.info("first token served %.2f s after the replica started", self.phases["first_token_s"])
+
+    async def _report_gauges(self) -> None:
+        while True:
+            try:
+                if self.engine is not None:
+                    st = self.engine.stats()
+                    self.metrics.queue_depth.set(st.waiting)
+                    self.metrics.slots_busy.set(st.slots_busy)
+                    self.metrics.slots_free.set(st.slots_total - st.slots_busy)
+                    self.metrics.kv_used.set(st.kv_cells_used)
+                    self.metrics.kv_ratio.set(st.kv_cells_used / max(1, st.kv_cells_total))
+                if self.use_gpu:
+                    mem = await asyncio.to_thread(gpu_memory)
+                    if mem:
+                        self.metrics.gpu_used.set(mem["used_bytes"])
+                        self.metrics.gpu_total.set(mem["total_bytes"])
+            except Exception:  # metrics must never take the replica down
+                log.debug("gauge update failed", exc_info=True)
+            await asyncio.sleep(1.0)
+
     def _ready_model(self) -> LlamaModelHandle:
         if self.state != "ready" or self.model is None:
             raise NotReadyError(f"the model is {self.state}; retry shortly")
@@ -232,18 +270,18 @@ class LlamaModel:
             return [int(t) for t in prompt]
         return model.tokenize(str(prompt or ""), add_special=True, parse_special=False)
 
-    async def _start(self, body: dict[str, Any]) -> RequestStream:
+    async def _start(self, body: dict[str, Any], stream: bool = True) -> RequestStream:
         if self.state != "ready" or self.engine is None:
             raise NotReadyError(f"the model is {self.state}; retry shortly")
         params = SamplingParams.model_validate(body.get("params") or {})
         tokens = self._prompt_tokens(body)
         self.engine.check_prompt(len(tokens))
-        stream = RequestStream(str(body.get("request_id") or uuid.uuid4().hex), tokens, params)
-        err = await self._admit(stream)
+        rs = RequestStream(str(body.get("request_id") or uuid.uuid4().hex), tokens, params, stream=stream)
+        err = await self._admit(rs)
         if err is not None:
             raise err
-        stream.bind(self.engine)
-        return stream
+        rs.bind(self.engine)
+        return rs
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def _admit(self, streams: list[RequestStream]) -> list[ServeError | None]:

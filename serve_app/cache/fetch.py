@@ -106,7 +106,7 @@ def make_progress(mode: str, what: str, total: int, initial: int) -> Progress:
     if mode == "none":
         return _NoProgress()
     if mode == "bar" or (mode == "auto" and sys.stderr.isatty()):
-        from tqdm.auto import tqdm
+        from tqdm import tqdm
 
         return tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024, desc=what,
                     leave=False, file=sys.stderr)
@@ -295,7 +295,8 @@ def _align_resume(resp: httpx2.Response, part: PartialFile) -> None:
         content_range = resp.headers.get("Content-Range", "")
         start = content_range.removeprefix("bytes ").split("-", 1)[0]
         if not part.written or start != str(part.written):
+            offset = part.written
             part.reset()
-            raise _Transient(f"unexpected Content-Range {content_range!r} for offset {part.written}")
+            raise _Transient(f"unexpected Content-Range {content_range!r} for offset {offset}")
     elif part.written:
         part.reset()  # the server ignored Range: start over from byte 0

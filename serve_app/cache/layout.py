@@ -121,13 +121,18 @@ class Layout:
         return path
 
     def sweep_staging(self, held_key: str | None = None) -> int:
-        """Remove orphaned staging directories; returns how many. Call with ``held_key``'s lock held."""
+        """Remove orphaned staging directories (their lock is free); returns how many.
+
+        ``held_key``: the caller holds that key's lock, so its staging directories are orphans by definition.
+        """
         held = key_hash(held_key) if held_key else None
         removed = 0
         try:
             entries = os.listdir(self.staging_root)
         except FileNotFoundError:
             return 0
+        if not entries:
+            return 0  # the common case, and the only cost on a warm path
         for entry in entries:
             path = os.path.join(self.staging_root, entry)
             owner = entry.split(".", 1)[0]

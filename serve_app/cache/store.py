@@ -101,23 +101,14 @@ class ModelStore:
             parts = local_parts(ref.filename)
             return _local_cached(parts, local_records(parts, self.manifest, rehash=False))
         _validate(ref)
+        self.layout.sweep_staging()  # a killed pull of any file is cleaned up by the next pull of any file
         known = None if refresh else self._known(ref)
         if known is not None:
             state, records = self._evaluate(ref.repo_id or "", known[0], known[1], rehash=False)
             if state == "present":
                 return self._cached(ref, records)
             log.warning("%s/%s is %s in the cache; fetching it again", ref.repo_id, known[1][0], state)
-        if offline_mode():
-            raise NotCachedError(
-                f"{ref.repo_id}/{ref.filename}@{ref.revision} is not in the cache at {self.layout.root} "
-                "(or failed verification) and HF_HUB_OFFLINE=1 forbids downloading it"
-            )
-        hub = HubClient()
-        listing = self._listing(hub, ref)
-        files = select_files(listing, ref.filename)
-        records = [self._obtain(hub, listing.repo_id, listing.commit, ref.revision, f) for f in files]
-        self._remember(ref, listing.commit, [f.name for f in files])
-        return self._cached(ref, records)
+        return self._fetch(ref, ref)
 
     def status(self, ref: ModelRef) -> CacheStatus:
         """Warm check: manifest + stat; re-hash only on a mismatch. Network only for a reference never pulled."""
@@ -128,12 +119,17 @@ class ModelStore:
         return self._inspect(ref, rehash=True)
 
     def heal(self, ref: ModelRef) -> CachedFile:
-        """Re-verify fully; a corrupt or missing file is invalidated and fetched again."""
+        """Re-hash every part; re-fetch the corrupt or missing ones at the same commit.
+
+        Equivalent to invalidate + ensure, but a split GGUF only re-downloads its bad parts: ``verify`` marks them
+        suspect in the manifest and ``_obtain`` replaces a suspect file without hashing it again.
+        """
         checked = self.verify(ref)
-        if checked.state != "present":
-            log.warning("healing %s/%s: it is %s", ref.repo_id, checked.filename, checked.state)
-            self.invalidate(ref)
-        return self.ensure(ref)
+        if checked.state == "present" or ref.is_local:
+            return self.ensure(ref)
+        log.warning("healing %s/%s: it is %s", ref.repo_id, checked.filename, checked.state)
+        pinned = ref.model_copy(update={"revision": checked.commit or ref.revision})
+        return self._fetch(ref, pinned)
 
     def invalidate(self, ref: ModelRef) -> None:
         """Delete the cached file(s) of ``ref`` and their records (a local file's record only, never the file)."""
@@ -256,6 +252,7 @@ class ModelStore:
         """Worst state over the parts ("corrupt" > "missing" > "present"); updated records are persisted."""
         assert names
         files = self.manifest.read().files
+        original = dict(files)
         states: list[State] = []
         records: list[FileRecord] = []
         changed: dict[str, FileRecord] = {}
@@ -271,7 +268,8 @@ class ModelStore:
                 changed[key] = updated
         if changed:
             with self.manifest.update() as data:
-                data.files.update({k: v for k, v in changed.items() if k in data.files})
+                # Skip records another process rewrote meanwhile (it re-published the file).
+                data.files.update({k: v for k, v in changed.items() if data.files.get(k) == original[k]})
         worst: State = "corrupt" if "corrupt" in states else "missing" if "missing" in states else "present"
         return worst, records
 
@@ -293,6 +291,20 @@ class ModelStore:
         return "corrupt", rec.model_copy(update={"mtime_ns": SUSPECT_MTIME})
 
     # ---- fetching ----------------------------------------------------------------------------------------------
+
+    def _fetch(self, ref: ModelRef, resolve: ModelRef) -> CachedFile:
+        """Resolve ``resolve`` on the Hub and obtain its files; the manifest pins ``ref`` to the result."""
+        if offline_mode():
+            raise NotCachedError(
+                f"{ref.repo_id}/{ref.filename}@{ref.revision} is not in the cache at {self.layout.root} "
+                "(or failed verification) and HF_HUB_OFFLINE=1 forbids downloading it"
+            )
+        hub = HubClient()
+        listing = self._listing(hub, resolve)
+        files = select_files(listing, resolve.filename)
+        records = [self._obtain(hub, listing.repo_id, listing.commit, ref.revision, f) for f in files]
+        self._remember(ref, listing.commit, [f.name for f in files])
+        return self._cached(ref, records)
 
     def _obtain(self, hub: HubClient, repo_id: str, commit: str, revision: str, remote: RemoteFile) -> FileRecord:
         """Under the file's lock: reuse what another process published, adopt a matching file, or download."""

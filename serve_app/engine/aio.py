@@ -10,6 +10,37 @@ from serve_app.schemas import SamplingParams
 from .core import Delta, Engine, EngineRequest, Event, Failed, Finished
 
 
+class _LoopSink:
+    """Collects events from the engine thread and hands them to the event loop in one wake-up per step."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.pending: list[tuple[asyncio.Queue[Event], Event]] = []
+
+    def put(self, q: asyncio.Queue[Event], ev: Event) -> None:
+        self.pending.append((q, ev))  # list.append is atomic under the GIL; only the engine thread appends
+
+    def flush(self) -> None:
+        if self.pending:
+            batch, self.pending = self.pending, []
+            self.loop.call_soon_threadsafe(self._deliver, batch)
+
+    @staticmethod
+    def _deliver(batch: list[tuple[asyncio.Queue[Event], Event]]) -> None:
+        for q, ev in batch:
+            q.put_nowait(ev)
+
+
+_sinks: dict[int, _LoopSink] = {}
+
+
+def _sink_for(loop: asyncio.AbstractEventLoop) -> _LoopSink:
+    sink = _sinks.get(id(loop))
+    if sink is None or sink.loop is not loop:
+        sink = _sinks[id(loop)] = _LoopSink(loop)
+    return sink
+
+
 class RequestStream:
     """Events of one request. Closing it before the end cancels the request (its slot frees within one step).
 
@@ -17,15 +48,16 @@ class RequestStream:
     gets fewer, larger chunks instead of falling behind.
     """
 
-    def __init__(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
-        self._loop = asyncio.get_running_loop()
+    def __init__(self, request_id: str, prompt: list[int], params: SamplingParams, stream: bool = True) -> None:
+        self._sink = _sink_for(asyncio.get_running_loop())
         self._q: asyncio.Queue[Event] = asyncio.Queue()
-        self.request = EngineRequest(id=request_id, prompt=prompt, params=params, emit=self._emit)
+        self.request = EngineRequest(id=request_id, prompt=prompt, params=params, emit=self._emit, stream=stream,
+                                     flush=self._sink.flush)
         self.done = False
         self._engine: Engine | None = None
 
     def _emit(self, ev: Event) -> None:
-        self._loop.call_soon_threadsafe(self._q.put_nowait, ev)
+        self._sink.put(self._q, ev)
 
     def bind(self, engine: Engine) -> None:
         self._engine = engine
@@ -55,9 +87,10 @@ class RequestStream:
             self._engine.cancel(self.request.id)
 
 
-def open_stream(engine: Engine, request_id: str, prompt: list[int], params: SamplingParams) -> RequestStream:
+def open_stream(engine: Engine, request_id: str, prompt: list[int], params: SamplingParams,
+                stream: bool = True) -> RequestStream:
     """Submit one request and return its stream (raises typed errors before any work)."""
-    stream = RequestStream(request_id, prompt, params)
-    engine.submit([stream.request])
-    stream.bind(engine)
-    return stream
+    stream_ = RequestStream(request_id, prompt, params, stream)
+    engine.submit([stream_.request])
+    stream_.bind(engine)
+    return stream_

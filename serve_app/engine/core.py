@@ -56,6 +56,8 @@ class EngineRequest:
     prompt: list[int]
     params: SamplingParams
     emit: Callable[[Event], None]  # called on the engine thread; must be cheap and must not raise
+    stream: bool = True  # False: the text arrives in one Delta just before Finished (no per-token wakeups)
+    flush: Callable[[], None] | None = None  # called once after each engine step that emitted for this request
     arrival: float = field(default_factory=time.perf_counter)
 
 
@@ -75,6 +77,7 @@ class _Slot:
     sampler: SamplerChain | None = None
     utf8: Utf8Stream | None = None
     stops: StopMatcher | None = None
+    text: list[str] = field(default_factory=list)
     t_admit: float = 0.0
     t_first: float = 0.0
 
@@ -119,6 +122,7 @@ class Engine:
         self._pending = 0  # submitted and not finished; guarded by _lock
         self._lock = threading.Lock()
         self._stop = False
+        self._flushes: dict[int, Callable[[], None]] = {}
         self.dead: str | None = None
         self.steps = 0
         self.tokens_generated = 0
@@ -188,6 +192,7 @@ class Engine:
                 self._admit()
                 if any(s.busy for s in self._slots):
                     self._step()
+                self._flush()
         except Exception as e:  # the engine must never die silently: fail everyone, report, let health fail
             log.exception("engine thread crashed")
             self.dead = f"{type(e).__name__}: {e}"
@@ -202,6 +207,18 @@ class Engine:
             while self._waiting:
                 self._fail_waiting(self._waiting.popleft(), EngineDeadError(reason))
             self.dead = self.dead or "shut down"
+
+    def _emit(self, req: EngineRequest, ev: Event) -> None:
+        req.emit(ev)
+        if req.flush is not None:
+            self._flushes[id(req.flush)] = req.flush
+
+    def _flush(self) -> None:
+        """One wake-up per consumer (event loop) per step, however many requests it follows."""
+        if self._flushes:
+            flushes, self._flushes = self._flushes, {}
+            for f in flushes.values():
+                f()
 
     def _drain_inbox(self, block: bool) -> None:
         try:
@@ -344,10 +361,10 @@ class Engine:
         self.tokens_generated += 1
         assert s.utf8 is not None and s.stops is not None
         text, stopped = s.stops.push(s.utf8.push(self.model.piece(tok)))
-        if text:
-            req.emit(Delta(text, 1))
-        elif not stopped:
-            req.emit(Delta("", 1))
+        if not req.stream:
+            s.text.append(text)
+        elif text or not stopped:
+            self._emit(req, Delta(text, 1))
         if stopped:
             self._finish(s, "stop", flush=False)
         elif s.generated >= s.budget:
@@ -359,8 +376,12 @@ class Engine:
         if flush and s.utf8 is not None and s.stops is not None:
             tail, _ = s.stops.push(s.utf8.flush())
             tail += s.stops.flush()
-            if tail:
-                req.emit(Delta(tail, 0))
+            if tail and req.stream:
+                self._emit(req, Delta(tail, 0))
+            elif tail:
+                s.text.append(tail)
+        if not req.stream:
+            self._emit(req, Delta("".join(s.text), s.generated))
         end = time.perf_counter()
         first = s.t_first or end
         decode_s = end - first
@@ -373,17 +394,17 @@ class Engine:
         )
         usage = Usage(prompt_tokens=n_prompt, completion_tokens=s.generated, total_tokens=n_prompt + s.generated)
         self._release(s)
-        req.emit(Finished(reason, usage, timings))
+        self._emit(req, Finished(reason, usage, timings))
 
     def _finish_error(self, s: _Slot, err: ServeError) -> None:
         req = s.req
         self._release(s)
         if req is not None:
-            req.emit(Failed(err))
+            self._emit(req, Failed(err))
 
     def _fail_waiting(self, r: EngineRequest, err: ServeError) -> None:
         self._done_pending()
-        r.emit(Failed(err))
+        self._emit(r, Failed(err))
 
     def _release(self, s: _Slot) -> None:
         self._reset_slot(s)
@@ -396,6 +417,7 @@ class Engine:
         s.req = None
         s.prompt = None
         s.sampler = s.utf8 = s.stops = None
+        s.text = []
         s.n_prefilled = s.n_past = s.generated = s.pending_prefill = 0
         s.pending_decode = False
         s.i_batch = -1

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -102,19 +103,27 @@ async def _json_body(request: Request, limit: int) -> Any:
 Handler = Callable[[Request], Awaitable[Response]]
 
 
+Observer = Callable[[str, int, float], None]
+
+
 def build_asgi_app(service: OpenAIService, *, api_keys: list[str], max_body_bytes: int,
-                   is_shutting_down: Callable[[], bool] = lambda: False) -> ASGIApp:
-    def guarded(fn: Callable[[Request, str], Awaitable[Response]]) -> Handler:
+                   is_shutting_down: Callable[[], bool] = lambda: False,
+                   observe: Observer | None = None) -> ASGIApp:
+    def guarded(fn: Callable[[Request, str], Awaitable[Response]], route: str) -> Handler:
         async def handler(request: Request) -> Response:
             rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+            t0 = time.perf_counter()
             try:
                 if is_shutting_down() and route_path(request.scope) not in OPEN_PATHS:
                     raise NotReadyError("the server is shutting down")
-                return await fn(request, rid)
+                resp = await fn(request, rid)
             except ServeError as e:
-                return error_response(e, rid)
+                resp = error_response(e, rid)
             except Exception as e:  # never a traceback to the client
-                return internal_error(e, rid)
+                resp = internal_error(e, rid)
+            if observe is not None:
+                observe(route, resp.status_code, (time.perf_counter() - t0) * 1e3)
+            return resp
         return handler
 
     def reply(out: dict[str, Any] | AsyncIterator[str]) -> Response:
@@ -155,17 +164,18 @@ def build_asgi_app(service: OpenAIService, *, api_keys: list[str], max_body_byte
     async def stats(request: Request, rid: str) -> Response:
         return JSONResponse(await service.info())
 
-    routes = [
-        Route("/v1/chat/completions", guarded(chat), methods=["POST"]),
-        Route("/v1/completions", guarded(completions), methods=["POST"]),
-        Route("/v1/models", guarded(models), methods=["GET"]),
-        Route("/tokenize", guarded(tokenize), methods=["POST"]),
-        Route("/detokenize", guarded(detokenize), methods=["POST"]),
-        Route("/health", guarded(health), methods=["GET"]),
-        Route("/v1/health", guarded(health), methods=["GET"]),
-        Route("/ready", guarded(ready), methods=["GET"]),
-        Route("/stats", guarded(stats), methods=["GET"]),
+    table: list[tuple[str, Callable[[Request, str], Awaitable[Response]], str]] = [
+        ("/v1/chat/completions", chat, "POST"),
+        ("/v1/completions", completions, "POST"),
+        ("/v1/models", models, "GET"),
+        ("/tokenize", tokenize, "POST"),
+        ("/detokenize", detokenize, "POST"),
+        ("/health", health, "GET"),
+        ("/v1/health", health, "GET"),
+        ("/ready", ready, "GET"),
+        ("/stats", stats, "GET"),
     ]
+    routes = [Route(path, guarded(fn, path), methods=[method]) for path, fn, method in table]
 
     async def not_found(request: Request, exc: Exception) -> Response:
         code = getattr(exc, "status_code", 404)

@@ -12,6 +12,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.types import ASGIApp
 
 from serve_app.errors import InvalidRequestError, ServeError
+from serve_app.metrics import IngressMetrics
 
 from .app import build_asgi_app
 from .openai import OpenAIService, error_body
@@ -27,9 +28,11 @@ class Ingress:
         env_keys = [k.strip() for k in os.environ.get("GGUF_SERVE_API_KEYS", "").split(",") if k.strip()]
         self.api_keys = list(server.get("api_keys") or []) + env_keys
         self.max_body_bytes = int(server.get("max_body_bytes") or 4 * 1024 * 1024)
+        self.metrics = IngressMetrics()
 
     def __serve_build_asgi_app__(self) -> ASGIApp:
-        return build_asgi_app(self.service, api_keys=self.api_keys, max_body_bytes=self.max_body_bytes)
+        return build_asgi_app(self.service, api_keys=self.api_keys, max_body_bytes=self.max_body_bytes,
+                              observe=self.metrics.observe)
 
     # ---- handle API (RunPod worker) -------------------------------------------------------------------------
 

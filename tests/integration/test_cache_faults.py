@@ -229,3 +229,21 @@ def test_concurrent_threads_download_once(fhub: FakeHub, data: bytes, tmp_path: 
     for t in threads:
         t.join()
     assert len(set(results)) == 1 and len(results) == 3 and fhub.body_downloads() == 1
+
+
+def test_heal_refetches_only_bad_parts_at_the_pinned_commit(fhub: FakeHub, tmp_path: Path) -> None:
+    names = [f"big-{i:05d}-of-00002.gguf" for i in (1, 2)]
+    blobs = {n: os.urandom(100_000) for n in names}
+    for n, b in blobs.items():
+        fhub.add_file(REPO, n, b)
+    store = make_store(tmp_path)
+    ref = ModelRef(repo_id=REPO, filename=names[0])
+    got = store.ensure(ref)
+    fhub.add_file(REPO, names[0], b"new upstream", commit="b" * 40)  # main moves on; heal must not follow
+    st = os.stat(got.parts[1])
+    with open(got.parts[1], "r+b") as f:
+        f.write(b"\x00\x00")
+    os.utime(got.parts[1], ns=(st.st_atime_ns, st.st_mtime_ns))
+    healed = store.heal(ref)
+    assert healed.commit == got.commit and [Path(p).read_bytes() for p in healed.parts] == list(blobs.values())
+    assert fhub.body_downloads() == 3  # two parts once, the bad part once more

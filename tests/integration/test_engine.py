@@ -90,12 +90,16 @@ def finish_order(eng: Engine, model: LlamaModelHandle, jobs: list[tuple[str, int
                     done.set()
         return emit
 
-    for k, (name, i, n) in enumerate(jobs):
-        if k and stagger:  # let the earlier requests get into decoding first
+    reqs = [EngineRequest(name, model.tokenize(PROMPTS[i], True, False), greedy(n), emitter(name))
+            for name, i, n in jobs]
+    if not stagger:
+        eng.submit(reqs)  # admitted in the same step, as the @serve.batch admission does
+    for k, r in enumerate(reqs if stagger else []):
+        if k:  # let the earlier requests get into decoding first
             start = eng.stats().tokens_generated
             while eng.stats().tokens_generated < start + 5 and not done.is_set():
                 time.sleep(0.0005)
-        eng.submit([EngineRequest(name, model.tokenize(PROMPTS[i], True, False), greedy(n), emitter(name))])
+        eng.submit([r])
     assert done.wait(60)
     return order, fins
 
@@ -103,7 +107,7 @@ def finish_order(eng: Engine, model: LlamaModelHandle, jobs: list[tuple[str, int
 def test_different_lengths_finish_independently_and_free_kv(loaded) -> None:
     eng, model = loaded
     order, fins = finish_order(eng, model, [("n40", 0, 40), ("n5", 1, 5), ("n20", 2, 20), ("n10", 3, 10)])
-    assert order == ["n5", "n10", "n20", "n40"]
+    assert order == ["n5", "n10", "n20", "n40"], fins
     assert {k: f.usage.completion_tokens for k, f in fins.items()} == {"n40": 40, "n5": 5, "n20": 20, "n10": 10}
     assert all(f.finish_reason == "length" for f in fins.values())
     assert eng.kv_free() and eng.stats().slots_busy == 0

@@ -134,16 +134,8 @@ class FakeHub:
 
     # ---- content -----------------------------------------------------------------------------------------------
 
-    def add_file(
-        self,
-        repo_id: str,
-        filename: str,
-        data: bytes | str | os.PathLike[str],
-        *,
-        revision: str = "main",
-        commit: str | None = None,
-        gated: bool = False,
-    ) -> str:
+    def add_file(self, repo_id: str, filename: str, data: bytes | str | os.PathLike[str], *, revision: str = "main",
+                 commit: str | None = None, gated: bool = False) -> str:
         """Add ``filename`` at ``revision`` (or a new ``commit`` that the branch then points to); return sha256."""
         blob = _blob_from(data)
         with self._lock:
@@ -233,23 +225,13 @@ class FakeHub:
     def body_downloads(self, sha256: str | None = None) -> int:
         """CDN GETs that started sending a body (of ``sha256`` if given)."""
         with self._lock:
-            return sum(
-                1
-                for r in self._log
-                if r["host"] == "cdn" and r["method"] == "GET" and r["status"] in (200, 206)
-                and (sha256 is None or r.get("sha256") == sha256)
-            )
+            return sum(1 for r in self._log if r["host"] == "cdn" and r["method"] == "GET"
+                       and r["status"] in (200, 206) and sha256 in (None, r["sha256"]))
 
     def _record(self, h: _Handler, method: str, status: int, sha: str | None = None) -> None:
-        entry = {
-            "method": method,
-            "path": h.path,
-            "host": h.role,
-            "status": status,
-            "auth": "authorization" in {k.lower() for k in h.headers},
-            "headers": {k.lower(): v for k, v in h.headers.items() if k.lower() in ("range", "accept-encoding")},
-            "sha256": sha,
-        }
+        entry = {"method": method, "path": h.path, "host": h.role, "status": status, "sha256": sha,
+                 "auth": "authorization" in {k.lower() for k in h.headers},
+                 "headers": {k.lower(): v for k, v in h.headers.items() if k.lower() in ("range", "accept-encoding")}}
         with self._lock:
             self._log.append(entry)
 
@@ -292,15 +274,10 @@ class FakeHub:
         delta = self._size_delta(h.path, None, "api")
         with self._lock:
             files = sorted(repo.commits[commit].items())
-            siblings = [
-                {
-                    "rfilename": name,
-                    "size": self._blobs[sha].size + delta,
-                    "blobId": hashlib.sha1(sha.encode()).hexdigest(),
-                    "lfs": {"sha256": sha, "size": self._blobs[sha].size + delta, "pointerSize": 134},
-                }
-                for name, sha in files
-            ]
+            siblings = [{"rfilename": name, "size": self._blobs[sha].size + delta,
+                         "blobId": hashlib.sha1(sha.encode()).hexdigest(),
+                         "lfs": {"sha256": sha, "size": self._blobs[sha].size + delta, "pointerSize": 134}}
+                        for name, sha in files]
         body = {"id": repo_id, "modelId": repo_id, "sha": commit, "private": False,
                 "gated": "manual" if repo.gated else False, "disabled": False, "tags": ["gguf"], "siblings": siblings}
         self._record(h, "GET", 200)
@@ -329,13 +306,8 @@ class FakeHub:
         if sha is None:
             return self._hub_error(h, method, 404, "EntryNotFound", **{"X-Repo-Commit": commit})
         size += self._size_delta(h.path, sha, "resolve")
-        headers = {
-            "X-Repo-Commit": commit,
-            "X-Linked-Etag": f'"{sha}"',
-            "ETag": f'"{sha}"',
-            "X-Linked-Size": str(size),
-            "Location": f"{self.cdn_endpoint}/cdn/{sha}",
-        }
+        headers = {"X-Repo-Commit": commit, "X-Linked-Etag": f'"{sha}"', "ETag": f'"{sha}"',
+                   "X-Linked-Size": str(size), "Location": f"{self.cdn_endpoint}/cdn/{sha}"}
         self._record(h, method, 302)
         h.reply(method, 302, headers, b"")
 

@@ -139,7 +139,7 @@ def write_gguf(path: str | os.PathLike[str], spec: ModelSpec = ModelSpec()) -> s
     return path
 
 
-BENCH_SPEC = ModelSpec(n_layer=12, n_embd=768, n_head=12, n_head_kv=4, n_ff=3072, ctx=4096, name="bench-150m")
+BENCH_SPEC = ModelSpec(n_layer=12, n_embd=768, n_head=12, n_head_kv=4, n_ff=4096, ctx=4096, name="bench-150m")
 
 
 def main(argv: list[str] | None = None) -> None:
