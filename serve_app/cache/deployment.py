@@ -3,8 +3,9 @@
 Errors are returned, not raised: every method returns its result, or ``{"error": err.to_dict()}`` where
 ``err`` is a ``ServeError`` (an unexpected exception becomes ``internal_error``). Callers do
 ``serve_app.cache.reply.unwrap(await handle.ensure.remote(ref))`` to get the value or the typed error back
-(see ``reply.py`` for why). Blocking work (hashing, downloads, lock waits) runs in ``asyncio.to_thread`` so one
-slow pull never stalls the replica's event loop; replicas on other nodes or RunPod workers sharing the volume
+(see ``reply.py`` for why). Blocking work (hashing, downloads, lock waits) runs in a thread pool sized to
+``max_ongoing_requests`` (like ``asyncio.to_thread``, with enough threads) so one slow pull never stalls the
+replica's event loop; replicas on other nodes or RunPod workers sharing the volume
 coordinate through the per-file locks in ``layout.py``.
 """
 
@@ -13,36 +14,63 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from pydantic import ValidationError
 from ray import serve
 
 from serve_app.cache.reply import error_reply
-from serve_app.cache.store import ModelStore
+from serve_app.cache.store import ModelStore, StoreStats
 from serve_app.config import DownloadConfig, ModelRef
 from serve_app.errors import InvalidModelReferenceError
+from serve_app.metrics import CacheMetrics
 
 log = logging.getLogger("serve_app.cache")
 T = TypeVar("T")
+_MAX_ONGOING = 64
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=_MAX_ONGOING)
 class ModelCache:
     def __init__(self, cache_dir: str, download: dict | None = None) -> None:
         # Replica logs are not a terminal: periodic progress lines instead of a bar.
         self._store = ModelStore(cache_dir, DownloadConfig(**(download or {})), progress="log")
+        self._metrics = CacheMetrics()
+        self._reported = StoreStats()
+        # Not the default executor (cpu+4 threads): callers waiting on another replica's download hold a thread
+        # each, and must not starve status/list calls.
+        self._pool = ThreadPoolExecutor(max_workers=_MAX_ONGOING, thread_name_prefix="model-cache")
 
     async def _call(self, name: str, fn: Callable[[], T]) -> T | dict[str, Any]:
         try:
-            return await asyncio.to_thread(fn)
+            return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
         except ValidationError as err:
             first = err.errors()[0]
             where = ".".join(str(p) for p in first.get("loc", ())) or "ref"
-            return error_reply(InvalidModelReferenceError(f"Invalid model reference ({where}): {first['msg']}"))
+            return self._failed(InvalidModelReferenceError(f"Invalid model reference ({where}): {first['msg']}"))
         except Exception as err:
             log.warning("model cache %s failed: %s", name, err)
-            return error_reply(err)
+            return self._failed(err)
+        finally:
+            self._report()
+
+    def _failed(self, err: BaseException) -> dict[str, Any]:
+        reply = error_reply(err)
+        self._metrics.errors.inc(tags={"code": str(reply["error"]["code"])})
+        return reply
+
+    def _report(self) -> None:
+        """Push the store's counters to Ray's metrics as increments since the last report."""
+        now, last = self._store.stats, self._reported
+        for name, counter in (("hits", self._metrics.hits), ("misses", self._metrics.misses),
+                              ("downloads", self._metrics.downloads),
+                              ("download_bytes", self._metrics.download_bytes),
+                              ("verify_failures", self._metrics.verify_failures)):
+            delta = getattr(now, name) - getattr(last, name)
+            if delta > 0:
+                counter.inc(delta)
+                setattr(last, name, getattr(now, name))
 
     async def ensure(self, ref: dict) -> dict:
         return await self._call("ensure", lambda: self._store.ensure(ModelRef(**ref)).model_dump())

@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -178,6 +179,7 @@ class FetchJob:
     deadline: Deadline
     progress: str = "auto"
     free_bytes: int | None = None
+    on_corrupt: Callable[[], None] | None = None  # counts verification failures (metrics)
 
     @property
     def what(self) -> str:
@@ -223,6 +225,8 @@ def _attempts(job: FetchJob, part: PartialFile) -> str:
         except _Corrupt as exc:
             part.reset()
             last = exc
+            if job.on_corrupt is not None:
+                job.on_corrupt()
         except Exception as exc:
             if not (isinstance(exc, _Transient) or is_transient(exc)):
                 raise to_serve_error(exc, endpoint=job.hub.endpoint, repo_id=job.repo_id, revision=job.commit,

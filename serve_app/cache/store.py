@@ -17,6 +17,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal, TypeVar
 
 from pydantic import BaseModel
@@ -86,8 +87,20 @@ class CacheStatus(BaseModel):
     parts: list[str] = []
 
 
+@dataclass
+class StoreStats:
+    """Monotonic counters for metrics (read by the ModelCache deployment)."""
+
+    hits: int = 0
+    misses: int = 0
+    downloads: int = 0
+    download_bytes: int = 0
+    verify_failures: int = 0
+
+
 class ModelStore:
     def __init__(self, cache_dir: str, download: DownloadConfig | None = None, *, progress: str = "auto") -> None:
+        self.stats = StoreStats()
         self.config = download or DownloadConfig()
         self.layout = Layout(cache_dir)
         self.manifest = Manifest(self.layout.manifest_path, self.layout.lock_path("manifest"))
@@ -106,8 +119,12 @@ class ModelStore:
         if known is not None:
             state, records = self._evaluate(ref.repo_id or "", known[0], known[1], rehash=False)
             if state == "present":
+                self.stats.hits += 1
                 return self._cached(ref, records)
+            if state == "corrupt":
+                self.stats.verify_failures += 1
             log.warning("%s/%s is %s in the cache; fetching it again", ref.repo_id, known[1][0], state)
+        self.stats.misses += 1
         return self._fetch(ref, ref)
 
     def status(self, ref: ModelRef) -> CacheStatus:
@@ -326,6 +343,9 @@ class ModelStore:
             sha256, mtime_ns = self._download(hub, repo_id, commit, remote, key, final)
             return self._record(repo_id, commit, revision, remote.name, final, (sha256, mtime_ns))
 
+    def _count_corrupt(self) -> None:
+        self.stats.verify_failures += 1
+
     def _adopt(self, final: str, remote: RemoteFile) -> tuple[str, int] | None:
         """A file already at the final path (manifest lost, or touched) is kept if its content is right."""
         digest = hash_file(final, git=remote.sha256 is None)
@@ -345,7 +365,7 @@ class ModelStore:
         try:
             job = FetchJob(hub=hub, repo_id=repo_id, commit=commit, remote=remote, staging_dir=staging,
                            config=self.config, deadline=Deadline(self.config.timeout_s), progress=self.progress,
-                           free_bytes=self.layout.free_bytes())
+                           free_bytes=self.layout.free_bytes(), on_corrupt=self._count_corrupt)
             log.info("downloading %s/%s (%d bytes, commit %s)", repo_id, remote.name, remote.size, commit[:12])
             staged, sha256 = download_verified(job)
             os.chmod(staged, 0o444)
@@ -354,6 +374,8 @@ class ModelStore:
             os.replace(staged, final)
             fsync_dir(os.path.dirname(final))
             log.info("published %s", final)
+            self.stats.downloads += 1
+            self.stats.download_bytes += remote.size
             return sha256, os.lstat(final).st_mtime_ns
         finally:
             shutil.rmtree(staging, ignore_errors=True)

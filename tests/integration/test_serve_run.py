@@ -66,6 +66,7 @@ def test_serve_run_repo_config(hub, tmp_path: Path) -> None:
                                              max_tokens=5, temperature=0)
         assert out.choices[0].message.content is not None and out.usage.completion_tokens >= 1
         print(f"serve run: ready after {time.time() - t0:.1f} s")
+        check_dashboard_lists_healthy_deployments()
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -73,6 +74,23 @@ def test_serve_run_repo_config(hub, tmp_path: Path) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
+
+
+def check_dashboard_lists_healthy_deployments() -> None:
+    """The Ray dashboard's Serve API (what the dashboard UI shows) lists the three deployments, healthy. Ray 2.60
+    turns token auth on by default: the token is in ~/.ray/auth_token."""
+    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    headers = {"Authorization": f"Bearer {token_file.read_text().strip()}"} if token_file.exists() else {}
+    deadline = time.time() + 60
+    while True:
+        r = httpx.get("http://127.0.0.1:8265/api/serve/applications/", headers=headers, timeout=10)
+        deps = r.json()["applications"]["llm"]["deployments"] if r.status_code == 200 else {}
+        if deps and all(d["status"] == "HEALTHY" for d in deps.values()) or time.time() > deadline:
+            break
+        time.sleep(1)
+    assert r.status_code == 200, r.text
+    assert {name: d["status"] for name, d in deps.items()} == {
+        "ModelCache": "HEALTHY", "LlamaModel": "HEALTHY", "Ingress": "HEALTHY"}
 
 
 def test_preflight_fails_fast_without_hub(tmp_path: Path) -> None:

@@ -1,0 +1,172 @@
+"""RunPod job input -> one ingress call. Pure (pydantic + stdlib): no Ray, no runpod, no engine.
+
+Accepted shapes (worker-vllm compatible; anything else is an ``InvalidRequestError`` with a readable message):
+
+* OpenAI gateway: ``{"openai_route": "/v1/chat/completions" | "/v1/completions" | "/v1/models",
+  "openai_input": {<OpenAI request body>}}``. ``openai_route`` defaults to chat completions when only
+  ``openai_input`` is given; ``openai_route`` alone (or with an empty ``openai_input``) is a GET, which only
+  ``/v1/models`` answers. Streaming follows ``openai_input.stream``.
+* worker-vllm's generic proxy form: ``{"route": ..., "body": {...}, "method": "GET" | "POST"}``, same routes.
+* Legacy: ``{"messages": [...]} | {"prompt": "..."}`` plus optional ``"sampling_params": {...}`` (merged into the
+  OpenAI body; vLLM's ``repetition_penalty`` becomes ``repeat_penalty``) and ``"stream": bool``. worker-vllm's
+  ``apply_chat_template`` turns a string prompt into one user message; its output-batching knobs
+  (``max_batch_size``, ``min_batch_size``, ``batch_size_growth_factor``) and ``use_openai_format`` are accepted
+  and ignored (output is always OpenAI-shaped; stream chunks are forwarded as they come).
+
+A missing ``model`` stays missing: the ingress serves one model and fills it in.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
+
+from serve_app.errors import InvalidRequestError
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+MODELS = "/v1/models"
+ROUTES: tuple[str, ...] = (CHAT, COMPLETIONS, MODELS)
+
+# Body keys the legacy shape owns; sampling_params may not override them.
+_RESERVED = frozenset({"messages", "prompt", "stream"})
+# vLLM SamplingParams names that differ from ours.
+_RENAMES = {"repetition_penalty": "repeat_penalty"}
+
+
+class IngressCall(BaseModel):
+    """What the handler sends to ``Ingress.openai`` / ``Ingress.openai_stream``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    route: str
+    body: dict[str, Any] | None = None
+    stream: bool = False
+
+    @property
+    def id_prefix(self) -> str:
+        """The OpenAI id prefix the HTTP routes use for this route (``chatcmpl``/``cmpl``)."""
+        return "chatcmpl" if self.route == CHAT else "cmpl" if self.route == COMPLETIONS else "req"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class OpenAIJobInput(_Strict):
+    openai_route: str | None = None
+    openai_input: dict[str, Any] | None = None
+
+
+class ProxyJobInput(_Strict):
+    route: str
+    body: dict[str, Any] | None = None
+    method: Literal["GET", "POST", "get", "post"] | None = None
+
+
+class LegacyJobInput(_Strict):
+    messages: list[dict[str, Any]] | None = Field(default=None, min_length=1)
+    prompt: str | list[str] | list[int] | None = None
+    sampling_params: dict[str, Any] = Field(default_factory=dict)
+    stream: StrictBool = False
+    apply_chat_template: StrictBool = False
+    use_openai_format: StrictBool = True
+    max_batch_size: int | None = Field(default=None, ge=1)
+    min_batch_size: int | None = Field(default=None, ge=1)
+    batch_size_growth_factor: float | None = Field(default=None, gt=0)
+
+
+_SHAPES: dict[type[_Strict], str] = {
+    OpenAIJobInput: "an OpenAI job ('openai_route', 'openai_input')",
+    ProxyJobInput: "a route job ('route', 'body', 'method')",
+    LegacyJobInput: "a legacy job ('messages' or 'prompt', 'sampling_params', 'stream')",
+}
+
+
+M = TypeVar("M", bound=_Strict)
+
+
+def _validate(cls: type[M], raw: dict[str, Any]) -> M:
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"])
+        if err["type"] == "extra_forbidden":
+            allowed = ", ".join(f"'{k}'" for k in cls.model_fields)
+            raise InvalidRequestError(
+                f"unknown key '{loc}' in the job input of {_SHAPES[cls]}; accepted keys: {allowed}", param=loc
+            ) from None
+        raise InvalidRequestError(f"{loc}: {err['msg']}" if loc else err["msg"], param=loc or None) from None
+
+
+def _route(route: str | None, param: str) -> str:
+    if route is None:
+        return CHAT
+    norm = "/" + route.strip().strip("/")
+    if norm not in ROUTES:
+        raise InvalidRequestError(f"unsupported {param} '{route}'; supported: {', '.join(ROUTES)}", param=param)
+    return norm
+
+
+def _request(route: str, body: dict[str, Any] | None, param: str) -> IngressCall:
+    """A call on ``route``: GET-like without a body, else an OpenAI body whose ``stream`` picks the method."""
+    if route == MODELS:
+        return IngressCall(route=MODELS)
+    if not body:
+        raise InvalidRequestError(f"{param} (the OpenAI request body) is required for {route}", param=param)
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise InvalidRequestError(f"{param}.stream must be true or false", param=f"{param}.stream")
+    return IngressCall(route=route, body=dict(body), stream=stream)
+
+
+def _legacy(job: LegacyJobInput) -> IngressCall:
+    if (job.messages is None) == (job.prompt is None):
+        raise InvalidRequestError("give exactly one of 'messages' or 'prompt'", param="messages")
+    clash = sorted(_RESERVED & job.sampling_params.keys())
+    if clash:
+        raise InvalidRequestError(
+            f"sampling_params may not set {', '.join(repr(k) for k in clash)}; put it at the top level of the input",
+            param=f"sampling_params.{clash[0]}",
+        )
+    body: dict[str, Any] = {}
+    for key, value in job.sampling_params.items():
+        new = _RENAMES.get(key, key)
+        if new != key and new in job.sampling_params:
+            continue  # our own name wins when both are given
+        body[new] = value
+    body["stream"] = job.stream
+    if job.messages is not None:
+        return IngressCall(route=CHAT, body={**body, "messages": job.messages}, stream=job.stream)
+    if job.apply_chat_template:
+        if not isinstance(job.prompt, str):
+            raise InvalidRequestError("apply_chat_template needs a string prompt", param="prompt")
+        return IngressCall(route=CHAT, body={**body, "messages": [{"role": "user", "content": job.prompt}]},
+                           stream=job.stream)
+    return IngressCall(route=COMPLETIONS, body={**body, "prompt": job.prompt}, stream=job.stream)
+
+
+def normalise(raw: Any) -> IngressCall:
+    """Validate a job's ``input`` and turn it into one ingress call. Raises ``InvalidRequestError``."""
+    if not isinstance(raw, dict):
+        raise InvalidRequestError(f"the job input must be a JSON object, got {type(raw).__name__}", param="input")
+    keys = set(raw)
+    if keys & {"openai_route", "openai_input"}:
+        oa = _validate(OpenAIJobInput, raw)
+        return _request(_route(oa.openai_route, "openai_route"), oa.openai_input, "openai_input")
+    if "route" in keys:
+        px = _validate(ProxyJobInput, raw)
+        route = _route(px.route, "route")
+        if px.method is not None and px.method.upper() == "GET" and route != MODELS:
+            raise InvalidRequestError(f"{route} needs method POST", param="method")
+        return _request(route, px.body, "body")
+    if keys & {"messages", "prompt"}:
+        return _legacy(_validate(LegacyJobInput, raw))
+    got = ", ".join(f"'{k}'" for k in sorted(keys)) or "none"
+    raise InvalidRequestError(
+        "unrecognised job input: expected 'openai_route'/'openai_input' (OpenAI), or 'messages'/'prompt' with "
+        f"optional 'sampling_params' and 'stream' (legacy); got keys: {got}", param="input")
