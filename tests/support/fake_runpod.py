@@ -79,11 +79,16 @@ class FakeRunPod:
     # ---- test API ----------------------------------------------------------------------------------------
 
     def add_job(self, job_input: Any, job_id: str | None = None) -> str:
-        job_id = job_id or f"job-{uuid.uuid4().hex[:12]}"
+        return self.add_jobs([job_input], [job_id] if job_id else None)[0]
+
+    def add_jobs(self, inputs: list[Any], ids: list[str] | None = None) -> list[str]:
+        """Queue several jobs at once, so that one job-take-batch can hand them all out."""
+        ids = ids or [f"job-{uuid.uuid4().hex[:12]}" for _ in inputs]
         with self._cond:
-            self.jobs.append({"id": job_id, "input": job_input})
+            for job_id, job_input in zip(ids, inputs, strict=True):
+                self.jobs.append({"id": job_id, "input": job_input})
             self._cond.notify_all()
-        return job_id
+        return ids
 
     def wait_done(self, job_id: str, timeout_s: float = 60.0) -> dict[str, Any]:
         """The body of the job-done POST for ``job_id``."""

@@ -1,0 +1,263 @@
+"""Invariant: the container command ``python -m serve_app.runpod_handler``, run under the real ``runpod`` SDK, joins
+the session's Ray cluster, waits for the ``llm`` app, and answers every job shape worker-vllm accepts (OpenAI chat /
+completions / models, stream and not, legacy ``messages`` / ``prompt`` + ``sampling_params`` / ``stream``) with
+worker-vllm's output contract, as seen on RunPod's own wire (job-stream / job-done posts to a loopback fake of the
+job API): one OpenAI dict per non-stream job, ``data:`` SSE strings ending ``data: [DONE]`` per stream job, and a
+bad job fails alone with a readable error (no traceback) while the worker keeps taking jobs, as many at once as the
+engine has slots. The same worker serves RunPod's local ``--rp_serve_api`` ``POST /runsync``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import LLM_APP_ARGS, free_port
+from tests.support.fake_runpod import FakeRunPod
+
+pytestmark = pytest.mark.timeout(300)
+
+REPO = Path(__file__).resolve().parents[2]
+MSGS = [{"role": "user", "content": "hello there"}]
+GEN = {"max_tokens": 8, "temperature": 0, "ignore_eos": True}
+SLOTS = LLM_APP_ARGS["engine"]["n_parallel"]
+
+
+# ---- worker processes ---------------------------------------------------------------------------------------
+
+
+def worker_env(**extra: str) -> dict[str, str]:
+    import ray
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RUNPOD_", "RAY_ADDRESS"))}
+    env.update(RAY_ADDRESS=ray.get_runtime_context().gcs_address, RUNPOD_LOG_LEVEL="INFO", PYTHONUNBUFFERED="1",
+               RUNPOD_READY_TIMEOUT_S="120", **extra)
+    return env
+
+
+def start_worker(log_path: Path, env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
+    with log_path.open("wb") as log:
+        return subprocess.Popen([sys.executable, "-m", "serve_app.runpod_handler", *args], cwd=REPO, env=env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop_worker(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+def log_tail(path: Path, n: int = 4000) -> str:
+    return path.read_text(errors="replace")[-n:]
+
+
+@pytest.fixture(scope="module")
+def runpod_api(llm_app: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeRunPod]:
+    """The fake job API with the real SDK worker loop polling it (``RUNPOD_WEBHOOK_*`` set: production mode)."""
+    log_path = tmp_path_factory.mktemp("runpod") / "worker.log"
+    with FakeRunPod() as fake:
+        proc = start_worker(log_path, worker_env(**fake.env()))
+        try:
+            deadline = time.monotonic() + 150
+            while not fake.takes:  # the SDK polls only once the model is ready
+                assert proc.poll() is None, f"worker exited rc={proc.returncode}:\n{log_tail(log_path)}"
+                assert time.monotonic() < deadline, f"worker never polled for jobs:\n{log_tail(log_path)}"
+                time.sleep(0.2)
+            yield fake
+            assert proc.poll() is None, f"the worker died:\n{log_tail(log_path)}"
+        finally:
+            stop_worker(proc)
+        print(log_tail(log_path, 1500))
+
+
+def run_jobs(fake: FakeRunPod, inputs: list[Any]) -> list[str]:
+    """Queue the jobs together (so one job-take-batch can hand several out) and wait until all are done."""
+    ids = fake.add_jobs(inputs)
+    for job_id in ids:
+        fake.wait_done(job_id, timeout_s=120)
+    return ids
+
+
+def sse_events(items: list[Any]) -> list[Any]:
+    """The JSON payloads of the ``data:`` strings a stream job yielded; ``[DONE]`` stays a string."""
+    events: list[Any] = []
+    for item in items:
+        assert isinstance(item, str), item
+        for block in item.split("\n\n"):
+            if block.strip():
+                assert block.startswith("data: "), item
+                payload = block[len("data: "):]
+                events.append(payload if payload == "[DONE]" else json.loads(payload))
+    return events
+
+
+def assert_non_stream(fake: FakeRunPod, job_id: str, obj: str) -> dict[str, Any]:
+    done = fake.done_post(job_id)
+    assert done.query["isStream"] == "true"  # a generator handler
+    assert set(done.body) == {"output"}, done.body
+    [resp] = done.body["output"]  # return_aggregate_stream: exactly one yielded item
+    assert fake.stream_outputs(job_id) == [resp]
+    assert resp["object"] == obj, resp
+    if obj != "list":
+        assert resp["choices"][0]["finish_reason"] == "length"
+        assert resp["usage"]["completion_tokens"] == 8
+    return resp
+
+
+def assert_stream(fake: FakeRunPod, job_id: str, chunk_obj: str) -> str:
+    items = fake.stream_outputs(job_id)
+    assert fake.done_post(job_id).body == {"output": items}
+    assert items[-1] == "data: [DONE]\n\n"
+    events = sse_events(items)
+    assert events[-1] == "[DONE]" and events.count("[DONE]") == 1
+    chunks = events[:-1]
+    assert chunks and all(c["object"] == chunk_obj for c in chunks), chunks
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"][0]["finish_reason"]] == ["length"]
+    if chunk_obj == "chat.completion.chunk":
+        assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+        return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    return "".join(c["choices"][0]["text"] for c in chunks)
+
+
+def assert_failed(fake: FakeRunPod, job_id: str, *fragments: str) -> str:
+    body = fake.done_post(job_id).body
+    assert set(body) == {"error"}, body
+    err = body["error"]
+    assert isinstance(err, str) and "Traceback" not in err and "traceback" not in err, err
+    for f in fragments:
+        assert f in err, err
+    assert fake.stream_outputs(job_id) == []  # the SDK stops at the error item
+    return err
+
+
+# ---- the production worker loop -----------------------------------------------------------------------------
+
+
+def test_openai_shapes(runpod_api: FakeRunPod) -> None:
+    fake = runpod_api
+    chat, chat_stream, comp, comp_stream, models, models_empty = run_jobs(fake, [
+        {"openai_route": "/v1/chat/completions", "openai_input": {"messages": MSGS, **GEN}},
+        {"openai_route": "/v1/chat/completions", "openai_input": {"messages": MSGS, **GEN, "stream": True}},
+        {"openai_route": "/v1/completions", "openai_input": {"prompt": "the quick brown", **GEN}},
+        {"openai_route": "/v1/completions", "openai_input": {"prompt": "the quick brown", **GEN, "stream": True}},
+        {"openai_route": "/v1/models"},
+        {"openai_route": "/v1/models", "openai_input": {}},
+    ])
+    full = assert_non_stream(fake, chat, "chat.completion")
+    assert full["id"] == f"chatcmpl-{chat}"  # the RunPod job id is the request id
+    assert assert_stream(fake, chat_stream, "chat.completion.chunk") == full["choices"][0]["message"]["content"]
+    text = assert_non_stream(fake, comp, "text_completion")["choices"][0]["text"]
+    assert assert_stream(fake, comp_stream, "text_completion") == text
+    listing = assert_non_stream(fake, models, "list")
+    assert [m["id"] for m in listing["data"]] == [full["model"]] and listing["data"][0]["object"] == "model"
+    assert assert_non_stream(fake, models_empty, "list") == listing
+
+
+def test_legacy_shapes(runpod_api: FakeRunPod) -> None:
+    fake = runpod_api
+    messages, prompt, stream, templated = run_jobs(fake, [
+        {"messages": MSGS, "sampling_params": GEN},
+        {"prompt": "the quick brown", "sampling_params": {**GEN, "top_p": 0.9, "top_k": 20, "seed": 3,
+                                                          "stop": ["<never>"], "repetition_penalty": 1.0}},
+        {"prompt": "the quick brown", "sampling_params": GEN, "stream": True},
+        {"prompt": "hello there", "apply_chat_template": True, "sampling_params": GEN},
+    ])
+    chat = assert_non_stream(fake, messages, "chat.completion")
+    assert chat["choices"][0]["message"]["content"]
+    comp = assert_non_stream(fake, prompt, "text_completion")
+    assert comp["choices"][0]["text"]
+    assert assert_stream(fake, stream, "text_completion")
+    # a string prompt through the chat template is the same conversation as the messages job
+    assert assert_non_stream(fake, templated, "chat.completion")["choices"] == chat["choices"]
+
+
+def test_bad_jobs_fail_alone_and_the_worker_keeps_going(runpod_api: FakeRunPod) -> None:
+    fake = runpod_api
+    hot, route, key, not_obj, wrong_model, good = run_jobs(fake, [
+        {"openai_route": "/v1/chat/completions", "openai_input": {"messages": MSGS, "temperature": "hot"}},
+        {"openai_route": "/v1/responses", "openai_input": {"input": "hi"}},
+        {"prompt": "x", "sampling_params": GEN, "temprature": 0.5},
+        "just a string",
+        {"openai_input": {"model": "someone/else", "messages": MSGS, **GEN}},
+        {"messages": MSGS, "sampling_params": GEN},
+    ])
+    assert_failed(fake, hot, "temperature", "invalid_request_error")
+    assert_failed(fake, route, "unsupported openai_route '/v1/responses'")
+    assert_failed(fake, key, "unknown key 'temprature'")
+    assert_failed(fake, not_obj, "must be a JSON object")
+    assert_failed(fake, wrong_model, "someone/else", "model_not_found")
+    assert_non_stream(fake, good, "chat.completion")
+    # ...and one more after the failures, on its own
+    [again] = run_jobs(fake, [{"prompt": "one two", "sampling_params": GEN}])
+    assert_non_stream(fake, again, "text_completion")
+
+
+def test_takes_as_many_jobs_as_the_engine_has_slots(runpod_api: FakeRunPod) -> None:
+    fake = runpod_api
+    ids = run_jobs(fake, [{"prompt": f"one two {i}", "sampling_params": GEN} for i in range(SLOTS + 2)])
+    for job_id in ids:
+        assert_non_stream(fake, job_id, "text_completion")
+    sizes = fake.batch_sizes()
+    assert sizes and max(sizes) == SLOTS, sizes  # concurrency = the engine's slots, never more
+    handed = [len(t.handed_out) for t in fake.takes if t.handed_out]
+    assert max(handed) == SLOTS, handed  # and the worker really ran that many jobs at once
+
+
+# ---- RunPod's local API (--rp_serve_api) --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rp_serve_api(llm_app: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    log_path = tmp_path_factory.mktemp("runpod_api") / "worker.log"
+    port = free_port()
+    proc = start_worker(log_path, worker_env(), "--rp_serve_api", "--rp_api_host", "127.0.0.1",
+                        "--rp_api_port", str(port))
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 150
+        while True:
+            assert proc.poll() is None, f"worker exited rc={proc.returncode}:\n{log_tail(log_path)}"
+            assert time.monotonic() < deadline, f"the local API never came up:\n{log_tail(log_path)}"
+            try:
+                httpx.get(f"{base}/openapi.json", timeout=2)
+                break
+            except httpx.TransportError:
+                time.sleep(0.3)
+        yield base
+    finally:
+        stop_worker(proc)
+
+
+def test_rp_serve_api_runsync(rp_serve_api: str) -> None:
+    def runsync(job_input: dict[str, Any]) -> dict[str, Any]:
+        r = httpx.post(f"{rp_serve_api}/runsync", json={"input": job_input}, timeout=120)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    out = runsync({"openai_route": "/v1/chat/completions", "openai_input": {"messages": MSGS, **GEN}})
+    assert out["status"] == "COMPLETED", out
+    [resp] = out["output"]
+    assert resp["object"] == "chat.completion" and resp["usage"]["completion_tokens"] == 8
+    assert resp["id"] == f"chatcmpl-{out['id']}"
+
+    out = runsync({"prompt": "the quick brown", "sampling_params": GEN, "stream": True})
+    assert out["status"] == "COMPLETED" and out["output"][-1] == "data: [DONE]\n\n", out
+    assert all(e == "[DONE]" or e["object"] == "text_completion" for e in sse_events(out["output"]))
+
+    # The local API does not fail a generator job on an error item (production does): the error is the output.
+    out = runsync({"openai_route": "/v1/nope", "openai_input": {"x": 1}})
+    assert out["status"] == "COMPLETED" and out["output"][0]["error"]["code"] == "invalid_request", out

