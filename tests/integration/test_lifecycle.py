@@ -1,0 +1,63 @@
+"""Replica lifecycle on a shared volume: a warm start neither downloads nor re-hashes, and a cached file that
+llama.cpp cannot load (corrupted on disk with its size and mtime kept, so the warm check cannot see it) is
+re-verified and healed by ModelCache once, then served."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import httpx
+import pytest
+from ray import serve
+
+from serve_app.builder import build_app
+from serve_app.cache.store import ModelStore
+from serve_app.config import ModelRef
+from tests.conftest import TEST_FILE, TEST_REPO, wait_ready
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def deploy(name: str, base: str, volume: Path) -> tuple[str, dict]:
+    args = {"model": {"repo_id": TEST_REPO, "filename": TEST_FILE}, "cache_dir": str(volume),
+            "accelerator": "cpu", "engine": {"n_parallel": 2, "n_ctx_per_slot": 256}}
+    serve.run(build_app(args), name=name, route_prefix=f"/{name}")
+    url = f"{base}/{name}"
+    wait_ready(url)
+    return url, httpx.get(f"{url}/stats").json()
+
+
+def test_warm_start_skips_download_and_rehash(ray_session: str, hub, tmp_path: Path) -> None:
+    volume = tmp_path / "volume"
+    ModelStore(str(volume)).ensure(ModelRef(repo_id=TEST_REPO, filename=TEST_FILE))  # warm the cache (CLI-style)
+    hub.reset_log()
+    try:
+        url, stats = deploy("warm", ray_session, volume)
+        assert hub.requests == [], hub.requests  # manifest pinned the commit: zero network calls
+        assert stats["phases"]["cache_s"] < 1.0, stats["phases"]
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 3})
+        assert r.status_code == 200
+    finally:
+        serve.delete("warm")
+
+
+def test_unloadable_file_is_healed_once(ray_session: str, hub, tiny_model: Path, tmp_path: Path) -> None:
+    volume = tmp_path / "volume"
+    cached = ModelStore(str(volume)).ensure(ModelRef(repo_id=TEST_REPO, filename=TEST_FILE))
+    path = cached.path
+    st = os.stat(path)
+    os.chmod(path, 0o644)
+    with open(path, "r+b") as f:  # break the GGUF magic: same size, llama.cpp refuses the file
+        f.write(b"XXXX")
+    os.chmod(path, st.st_mode)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # keep mtime: the warm check still says "present"
+    hub.reset_log()
+    try:
+        url, stats = deploy("healed", ray_session, volume)
+        assert hub.body_downloads() == 1  # re-downloaded exactly once by heal()
+        assert Path(path).read_bytes() == tiny_model.read_bytes()
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 3})
+        assert r.status_code == 200
+    finally:
+        serve.delete("healed")
