@@ -321,8 +321,21 @@ class Engine:
                 s.n_past += s.pending_prefill
                 self.tokens_prompt += s.pending_prefill
                 s.pending_prefill = 0
-        for s in with_logits:
-            self._sample_and_emit(s)
+        greedy = self._greedy_tokens(with_logits)
+        for j, s in enumerate(with_logits):
+            tok = int(greedy[j]) if s.sampler is None else s.sampler.sample(self.ctx, s.i_batch)
+            self._accept(s, tok)
+
+    def _greedy_tokens(self, with_logits: list[_Slot]) -> np.ndarray:
+        """Argmax of every greedy row in one vectorised call over llama.cpp's output matrix (rows are the
+        logits-requesting tokens in batch order, which is ``with_logits``' order), so per-sequence host work does
+        not grow with the batch: on a GPU it would otherwise rival the decode itself."""
+        rows = [j for j, s in enumerate(with_logits) if s.sampler is None]
+        out = np.zeros(len(with_logits), dtype=np.int64)
+        if rows:
+            mat = self.ctx.all_logits(len(with_logits), self.model.n_vocab)
+            out[rows] = np.argmax(mat[rows], axis=1)
+        return out
 
     def _preempt_newest(self) -> None:
         """No KV room for this batch (llama.cpp restored its memory state): put the most recently admitted request
@@ -342,14 +355,9 @@ class Engine:
         self._reset_slot(victim)
         self._waiting.appendleft(req)
 
-    def _sample_and_emit(self, s: _Slot) -> None:
+    def _accept(self, s: _Slot, tok: int) -> None:
         req = s.req
         assert req is not None
-        if s.sampler is None:
-            row = self.ctx.logits_row(s.i_batch)
-            tok = int(np.argmax(np.ctypeslib.as_array(row, shape=(self.model.n_vocab,))))
-        else:
-            tok = s.sampler.sample(self.ctx, s.i_batch)
         now = time.perf_counter()
         if s.generated == 0:
             s.t_first = now

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import llama_cpp as L
+import numpy as np
 
 from serve_app.config import EngineConfig
 from serve_app.errors import ModelLoadError, OutOfMemoryError
@@ -250,8 +251,9 @@ class LlamaContextHandle:
     def decode(self, batch: L.llama_batch) -> int:
         return int(L.llama_decode(self.ptr, batch))
 
-    def logits_row(self, i_batch: int) -> ctypes.Array[ctypes.c_float]:
-        return L.llama_get_logits_ith(self.ptr, i_batch)
+    def all_logits(self, n_outputs: int, n_vocab: int) -> np.ndarray:
+        """Zero-copy (n_outputs, n_vocab) view of the last decode's logits; valid until the next decode."""
+        return np.ctypeslib.as_array(L.llama_get_logits(self.ptr), shape=(n_outputs, n_vocab))
 
     def free_seq(self, seq: int) -> None:
         L.llama_memory_seq_rm(self.mem, seq, -1, -1)
