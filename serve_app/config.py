@@ -87,10 +87,14 @@ class EngineConfig(_Strict):
 
 
 class BatchingConfig(_Strict):
-    """Ray Serve ``@serve.batch`` admission in front of the engine (see README)."""
+    """Ray Serve ``@serve.batch`` admission in front of the engine (see README). Changeable live."""
 
-    max_batch_size: int = Field(default=16, ge=1)
-    batch_wait_timeout_s: float = Field(default=0.002, ge=0)
+    max_batch_size: int = Field(default=16, ge=1, description="Most requests admitted in one command.")
+    batch_wait_timeout_s: float = Field(
+        default=0.0, ge=0,
+        description="Window to collect arrivals so their prompts prefill together. 0 skips the @serve.batch hop: "
+        "the engine already admits everything that arrived during a step, and the hop costs time to first token.",
+    )
 
 
 class ServerConfig(_Strict):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import socket
 import sys
 import time
@@ -279,7 +280,8 @@ def load_config(path: str, app_name: str) -> Any:
         raise StartupError(f"invalid Serve config '{path}': {'.'.join(str(x) for x in err['loc'])}: "
                            f"{err['msg']}") from None
     except (OSError, yaml.YAMLError) as e:
-        raise StartupError(f"cannot read the Serve config '{path}': {one_line(e)}") from None
+        flat = " ".join(ln.strip() for ln in str(e).splitlines() if ln.strip())
+        raise StartupError(f"cannot read the Serve config '{path}': {one_line(flat)}") from None
     if app_name not in [a.name for a in config.applications]:
         raise StartupError(f"the Serve config '{path}' has no application named '{app_name}'")
     return config
@@ -303,12 +305,23 @@ def deploy_from_config(path: str, app_name: str) -> None:
     client.deploy_apps(config, _blocking=False)
 
 
+_EXC_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)): (.*)$")
+
+
 def _deploy_failure(message: str) -> str:
-    """The first and last lines of a DEPLOY_FAILED message (the last one names the exception)."""
+    """The exception at the end of a DEPLOY_FAILED traceback, with the lines that explain it, on one line."""
     lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
-    if len(lines) <= 1:
+    hits = [i for i, ln in enumerate(lines) if _EXC_LINE.match(ln)]
+    if not hits:
         return one_line(message)
-    return f"{one_line(lines[0], 150)} ... {one_line(lines[-1], 300)}"
+    m = _EXC_LINE.match(lines[hits[-1]])
+    assert m is not None
+    parts = [f"{m.group(1).rsplit('.', 1)[-1]}: {m.group(2)}"]
+    for ln in lines[hits[-1] + 1: hits[-1] + 4]:
+        if ln.startswith(("For further information", "System error", "Traceback")):
+            break
+        parts.append(ln)
+    return one_line(" ".join(parts), 400)
 
 
 def wait_until_ready(app_name: str, timeout_s: float) -> tuple[DeploymentHandle, dict[str, Any]]:

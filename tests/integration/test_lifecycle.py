@@ -61,3 +61,30 @@ def test_unloadable_file_is_healed_once(ray_session: str, hub, tiny_model: Path,
         assert r.status_code == 200
     finally:
         serve.delete("healed")
+
+
+def test_batched_admission_window(ray_session: str, tmp_path: Path) -> None:
+    """With a @serve.batch window, requests arriving together are admitted together and all complete."""
+    import asyncio
+
+    from tests.support.gguf_factory import write_gguf
+
+    path = write_gguf(tmp_path / "m.gguf")
+    args = {"model": {"filename": str(path)}, "cache_dir": str(tmp_path / "vol"), "accelerator": "cpu",
+            "engine": {"n_parallel": 4, "n_ctx_per_slot": 256},
+            "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.05}}
+    serve.run(build_app(args), name="windowed", route_prefix="/windowed")
+    url = f"{ray_session}/windowed"
+    try:
+        wait_ready(url)
+
+        async def main() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=60) as c:
+                return await asyncio.gather(*[c.post(f"{url}/v1/completions", json={
+                    "prompt": f"hello {i}", "max_tokens": 4, "ignore_eos": True}) for i in range(4)])
+
+        outs = asyncio.run(main())
+        assert [r.status_code for r in outs] == [200] * 4
+        assert all(r.json()["usage"]["completion_tokens"] == 4 for r in outs)
+    finally:
+        serve.delete("windowed")

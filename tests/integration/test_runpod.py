@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from tests.conftest import LLM_APP_ARGS, free_port
 from tests.support.fake_runpod import FakeRunPod
@@ -261,3 +262,80 @@ def test_rp_serve_api_runsync(rp_serve_api: str) -> None:
     # The local API does not fail a generator job on an error item (production does): the error is the output.
     out = runsync({"openai_route": "/v1/nope", "openai_input": {"x": 1}})
     assert out["status"] == "COMPLETED" and out["output"][0]["error"]["code"] == "invalid_request", out
+
+
+# ---- no cluster to join: the worker starts Ray and deploys the Serve config itself ------------------------
+
+
+def test_worker_starts_ray_and_the_app_from_the_config(tiny_model: Path, tmp_path: Path) -> None:
+    http_port, api_port = free_port(), free_port()
+    config = tmp_path / "serve_config.yaml"
+    config.write_text(yaml.safe_dump({
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": "127.0.0.1", "port": http_port},
+        "applications": [{
+            "name": "llm", "route_prefix": "/", "import_path": "serve_app.builder:build_app",
+            "args": {"model": {"filename": str(tiny_model)}, "cache_dir": str(tmp_path / "volume"),
+                     "accelerator": "cpu", "engine": {"n_parallel": 2, "n_ctx_per_slot": 256, "max_queue": 2}},
+        }],
+    }))
+    log_path = tmp_path / "worker.log"
+    env = worker_env(SERVE_CONFIG=str(config))
+    env["RAY_ADDRESS"] = "local"  # what `auto` falls back to when no cluster is running
+    proc = start_worker(log_path, env, "--rp_serve_api", "--rp_api_host", "127.0.0.1", "--rp_api_port",
+                        str(api_port))
+    try:
+        deadline = time.monotonic() + 150
+        while True:
+            assert proc.poll() is None, f"worker exited rc={proc.returncode}:\n{log_tail(log_path)}"
+            assert time.monotonic() < deadline, f"the local API never came up:\n{log_tail(log_path)}"
+            try:
+                r = httpx.post(f"http://127.0.0.1:{api_port}/runsync", timeout=60, json={"input": {
+                    "messages": MSGS, "sampling_params": {**GEN, "max_tokens": 4}}})
+                break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        out = r.json()
+        assert out["status"] == "COMPLETED" and out["output"][0]["usage"]["completion_tokens"] == 4, out
+        # the config's own http_options were applied: the app also answers HTTP on its port
+        models = httpx.get(f"http://127.0.0.1:{http_port}/v1/models", timeout=10).json()
+        assert models["data"][0]["id"] == out["output"][0]["model"]
+    finally:
+        stop_worker(proc)
+    assert proc.returncode is not None
+
+
+def test_startup_failure_is_one_readable_line(llm_app: str, tmp_path: Path) -> None:
+    from ray import serve
+
+    from serve_app.builder import build_app
+
+    # an app whose model cannot load, beside the good one in the session cluster
+    serve.run(build_app({"model": {"filename": str(tmp_path / "missing.gguf")}, "cache_dir": str(tmp_path / "v"),
+                         "accelerator": "cpu", "engine": {"n_parallel": 1, "n_ctx_per_slot": 128}}),
+              name="runpod-bad", route_prefix="/runpod-bad")
+    try:
+        r = subprocess.run([sys.executable, "-m", "serve_app.runpod_handler"], cwd=REPO, capture_output=True,
+                           text=True, timeout=120, env=worker_env(SERVE_APP_NAME="runpod-bad"))
+    finally:
+        serve.delete("runpod-bad", _blocking=False)
+    assert r.returncode == 1
+    [line] = verdicts(r.stderr)
+    assert line.startswith("runpod worker cannot start: model 'missing' failed to load:"), r.stderr[-3000:]
+    assert "missing.gguf" in line and "Traceback" not in r.stderr
+    # an unreachable explicit address fails at once instead of hanging in ray.init
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "serve_app.runpod_handler"], cwd=REPO, capture_output=True,
+                       text=True, timeout=60, env={**worker_env(), "RAY_ADDRESS": f"127.0.0.1:{free_port()}"})
+    assert r.returncode == 1 and time.monotonic() - t0 < 30
+    assert [ln.split(" at ")[0] for ln in verdicts(r.stderr)] == ["runpod worker cannot start: no Ray cluster answers"]
+    # and so does a worker with no cluster and no config
+    r = subprocess.run([sys.executable, "-m", "serve_app.runpod_handler"], cwd=REPO, capture_output=True,
+                       text=True, timeout=60,
+                       env={**worker_env(SERVE_CONFIG=str(tmp_path / "nope.yaml")), "RAY_ADDRESS": "local"})
+    assert r.returncode == 1 and [ln.split(" and ")[0] for ln in verdicts(r.stderr)] == [
+        "runpod worker cannot start: no Ray cluster to join"]
+
+
+def verdicts(stderr: str) -> list[str]:
+    return [ln for ln in stderr.splitlines() if ln.startswith("runpod worker cannot start:")]
