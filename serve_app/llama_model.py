@@ -145,8 +145,11 @@ class LlamaModel:
             raise RuntimeError(f"model failed to load: {(self.error or {}).get('message')}")
 
     def __del__(self) -> None:
-        if self.engine is not None:
+        # Ray calls this after draining in-flight requests (graceful_shutdown_timeout_s bounds the wait).
+        if getattr(self, "engine", None) is not None:
             self.engine.shutdown()
+        if getattr(self, "model", None) is not None:
+            self.model.close()
 
     # ---- API used by the ingress ---------------------------------------------------------------------------
 

@@ -176,9 +176,16 @@ class Engine:
         return all(self.ctx.seq_pos_max(s.seq) < 0 for s in self._slots)
 
     def shutdown(self, timeout: float = 5.0) -> None:
+        """Stop the decode thread (failing what is still queued) and free the context and its thread pool."""
         self._stop = True
         self._inbox.put(("wake", None))
         self._thread.join(timeout)
+        if not self._thread.is_alive():
+            for s in self._slots:
+                if s.sampler is not None:
+                    s.sampler.close()
+                    s.sampler = None
+            self.ctx.close()
 
     # ---- engine thread ---------------------------------------------------------------------------------------
 
