@@ -174,8 +174,8 @@ async def handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any] | str]:
     try:
         call = normalise(job.get("input"))
         ingress = WORKER.ingress()
-    except ServeError as e:
-        yield error_body(e)
+    except Exception as e:  # InvalidRequestError / NotReadyError, or anything unexpected: still a value
+        yield error_body(as_serve_error(e))
         return
     request_id = f"{call.id_prefix}-{job.get('id') or uuid.uuid4().hex}"
     WORKER.in_flight += 1
@@ -185,16 +185,20 @@ async def handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any] | str]:
                 yield item
         else:
             yield await _unary(ingress, call, request_id)
+    except Exception as e:  # Ray errors (a dead actor, backpressure, ...): an error item, even mid-stream
+        log.warning("job %s failed: %s: %s", request_id, type(e).__name__, one_line(e))
+        yield error_body(as_serve_error(e))
     finally:
         WORKER.in_flight -= 1
 
 
 async def _unary(ingress: DeploymentHandle, call: IngressCall, request_id: str) -> dict[str, Any]:
+    resp = ingress.openai.remote(call.route, call.body, request_id=request_id)
     try:
-        out = await ingress.openai.remote(call.route, call.body, request_id=request_id)
-    except Exception as e:
-        log.warning("job %s failed: %s", request_id, one_line(e))
-        return error_body(as_serve_error(e))
+        out = await resp
+    except asyncio.CancelledError:  # RunPod stopped the job: awaiting alone would not stop the request
+        resp.cancel()
+        raise
     if not isinstance(out, dict):
         return error_body(ServeError(f"the model server returned {type(out).__name__}, not a response"))
     return out
@@ -208,12 +212,8 @@ async def _stream(ingress: DeploymentHandle, call: IngressCall,
         async for item in gen:
             yield item
         finished = True
-    except Exception as e:
-        finished = True
-        log.warning("job %s failed mid-stream: %s", request_id, one_line(e))
-        yield error_body(as_serve_error(e))
     finally:
-        if not finished:  # the job was stopped or the consumer went away: free the engine slot
+        if not finished:  # stopped, failed, or the consumer went away: free the engine slot
             gen.cancel()
 
 
@@ -226,10 +226,10 @@ def _resolve(address: str) -> str | None:
 
     try:
         return canonicalize_bootstrap_address(address)
-    except ConnectionError:
+    except ConnectionError as e:  # "auto" and no cluster found on this machine
         if address == "auto":
             return None
-        raise
+        raise StartupError(f"cannot find the Ray cluster '{address}': {one_line(e)}") from None
     except ValueError as e:
         raise StartupError(f"RAY_ADDRESS '{address}' is not a Ray address: {one_line(e)}") from None
 
@@ -245,6 +245,9 @@ def _reachable(hostport: str, timeout_s: float = 5.0) -> bool:
 
 def connect(address: str, config_path: str, app_name: str) -> None:
     """Join the cluster, or start Ray here and deploy ``config_path`` when there is none to join."""
+    from ray._private.authentication.authentication_token_setup import (
+        maybe_enable_token_auth_if_token_available,
+    )
     from ray.serve._private.constants import SERVE_NAMESPACE
 
     target = _resolve(address)
@@ -256,13 +259,16 @@ def connect(address: str, config_path: str, app_name: str) -> None:
     if target is None:
         deploy_from_config(config_path, app_name)
         return
+    # Ray 2.60 uses an available token (~/.ray/auth_token or RAY_AUTH_TOKEN) only for a cluster it finds itself;
+    # joining an explicit address without RAY_AUTH_MODE=token would be refused. Use the token when there is one.
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
     try:
-        ray.init(address=target, namespace=SERVE_NAMESPACE)
+        # The cluster's owner has the replica logs; this process prints its own lines only.
+        ray.init(address=target, namespace=SERVE_NAMESPACE, log_to_driver=False)
     except Exception as e:
-        hint = ""
-        if "auth" in str(e).lower() or "token" in str(e).lower():
-            hint = " (a process joining a cluster needs its token: ~/.ray/auth_token or RAY_AUTH_TOKEN)"
-        raise StartupError(f"cannot join the Ray cluster at {target}: {one_line(e)}{hint}") from None
+        raise StartupError(f"cannot join the Ray cluster at {target}: {one_line(e)}; a process joining a cluster "
+                           "needs its auth token (~/.ray/auth_token or RAY_AUTH_TOKEN; Ray 2.60 turns token "
+                           "authentication on by default)") from None
     log.info("joined the Ray cluster at %s", target)
 
 

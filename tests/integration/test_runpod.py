@@ -40,7 +40,8 @@ SLOTS = LLM_APP_ARGS["engine"]["n_parallel"]
 def worker_env(**extra: str) -> dict[str, str]:
     import ray
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RUNPOD_", "RAY_ADDRESS"))}
+    # RAY_AUTH_MODE too: ray.init() set it in this process, a RunPod container does not have it
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RUNPOD_", "RAY_ADDRESS", "RAY_AUTH_MODE"))}
     env.update(RAY_ADDRESS=ray.get_runtime_context().gcs_address, RUNPOD_LOG_LEVEL="INFO", PYTHONUNBUFFERED="1",
                RUNPOD_READY_TIMEOUT_S="120", **extra)
     return env
@@ -209,6 +210,7 @@ def test_bad_jobs_fail_alone_and_the_worker_keeps_going(runpod_api: FakeRunPod) 
 
 def test_takes_as_many_jobs_as_the_engine_has_slots(runpod_api: FakeRunPod) -> None:
     fake = runpod_api
+    fake.wait_for_poll(SLOTS)  # idle, the worker asks for as many jobs as the engine has slots
     ids = run_jobs(fake, [{"prompt": f"one two {i}", "sampling_params": GEN} for i in range(SLOTS + 2)])
     for job_id in ids:
         assert_non_stream(fake, job_id, "text_completion")
@@ -225,8 +227,12 @@ def test_takes_as_many_jobs_as_the_engine_has_slots(runpod_api: FakeRunPod) -> N
 def rp_serve_api(llm_app: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log_path = tmp_path_factory.mktemp("runpod_api") / "worker.log"
     port = free_port()
-    proc = start_worker(log_path, worker_env(), "--rp_serve_api", "--rp_api_host", "127.0.0.1",
-                        "--rp_api_port", str(port))
+    # A container that joins the cluster has no ~/.ray/auth_token of its own: the token comes in RAY_AUTH_TOKEN.
+    env = worker_env(HOME=str(log_path.parent))
+    token = Path.home() / ".ray" / "auth_token"
+    if token.exists():
+        env["RAY_AUTH_TOKEN"] = token.read_text().strip()
+    proc = start_worker(log_path, env, "--rp_serve_api", "--rp_api_host", "127.0.0.1", "--rp_api_port", str(port))
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 150
@@ -258,6 +264,11 @@ def test_rp_serve_api_runsync(rp_serve_api: str) -> None:
     out = runsync({"prompt": "the quick brown", "sampling_params": GEN, "stream": True})
     assert out["status"] == "COMPLETED" and out["output"][-1] == "data: [DONE]\n\n", out
     assert all(e == "[DONE]" or e["object"] == "text_completion" for e in sse_events(out["output"]))
+
+    # RunPod's local test input, as documented in deploy/runpod/README.md
+    job = json.loads((REPO / "deploy" / "runpod" / "test_input.json").read_text())
+    r = httpx.post(f"{rp_serve_api}/runsync", json=job, timeout=120)
+    assert r.status_code == 200 and r.json()["output"][0]["object"] == "chat.completion", r.text
 
     # The local API does not fail a generator job on an error item (production does): the error is the output.
     out = runsync({"openai_route": "/v1/nope", "openai_input": {"x": 1}})
@@ -339,3 +350,32 @@ def test_startup_failure_is_one_readable_line(llm_app: str, tmp_path: Path) -> N
 
 def verdicts(stderr: str) -> list[str]:
     return [ln for ln in stderr.splitlines() if ln.startswith("runpod worker cannot start:")]
+
+
+# ---- exceptions from Ray are error items too ----------------------------------------------------------------
+
+
+def test_ray_exceptions_become_error_items(llm_app: str) -> None:
+    """The handler in this process, on a real handle whose calls raise inside Ray (ModelCache has no OpenAI
+    methods): each job still ends as one readable error item, streaming or not."""
+    import asyncio
+
+    from ray import serve
+
+    from serve_app import runpod_handler
+
+    async def collect(job_input: dict[str, Any]) -> list[Any]:
+        return [item async for item in runpod_handler.handler({"id": "j1", "input": job_input})]
+
+    worker = runpod_handler.WORKER
+    assert worker.handle is None  # this process is not a worker: nothing to restore but the handle
+    worker.handle = serve.get_deployment_handle("ModelCache", "llm")
+    try:
+        for job_input in ({"messages": MSGS}, {"messages": MSGS, "stream": True}):
+            [item] = asyncio.run(collect(job_input))
+            err = item["error"]
+            assert err["type"] == "server_error" and err["message"].startswith("worker error: "), err
+            assert "Traceback" not in err["message"] and "\n" not in err["message"]
+        assert worker.in_flight == 0
+    finally:
+        worker.handle = None

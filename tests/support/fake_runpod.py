@@ -113,6 +113,18 @@ class FakeRunPod:
         with self._cond:
             return [p.body.get("output") for p in self.posts if p.kind == "stream" and p.job_id == job_id]
 
+    def wait_for_poll(self, batch_size: int, timeout_s: float = 30.0) -> None:
+        """Wait for a new job-take-batch asking for ``batch_size`` jobs (an idle worker asks for its concurrency)."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            start = len(self.takes)
+            while not any(t.query.get("batch_size") == str(batch_size) for t in self.takes[start:]):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    asked = [t.query.get("batch_size", "1") for t in self.takes[start:]]
+                    raise TimeoutError(f"no poll for {batch_size} jobs in {timeout_s} s (asked: {asked})")
+                self._cond.wait(left)
+
     def batch_sizes(self) -> list[int]:
         """``batch_size`` of every job-take-batch request so far (the worker's concurrency at that moment)."""
         with self._cond:
@@ -123,10 +135,13 @@ class FakeRunPod:
     def _take(self, path: str, query: dict[str, str], n: int) -> list[dict[str, Any]]:
         deadline = time.monotonic() + self.poll_wait_s
         with self._cond:
+            take = Take(path, query)
+            self.takes.append(take)  # recorded on arrival, so a test can wait for the next poll's batch size
+            self._cond.notify_all()
             while not self.jobs and time.monotonic() < deadline:
                 self._cond.wait(deadline - time.monotonic())
             out = [self.jobs.popleft() for _ in range(min(n, len(self.jobs)))]
-            self.takes.append(Take(path, query, [j["id"] for j in out]))
+            take.handed_out = [j["id"] for j in out]
             return out
 
     def _record(self, post: Post) -> None:

@@ -3,11 +3,14 @@ generic ``route``/``body`` form, legacy ``messages``/``prompt`` + ``sampling_par
 one ingress call with the right route, body and stream flag, and anything else is rejected with a readable,
 OpenAI-shaped ``invalid_request_error`` (never an exception escaping to the SDK). Also the worker's pure policy:
 Ray failures become typed error values without tracebacks, and the concurrency it reports to the SDK follows the
-engine's free slots, clamped, and stays steady under its own load. No Ray cluster is started here.
+engine's free slots, clamped, and stays steady under its own load; the worker module never imports the engine or
+llama_cpp. No Ray cluster is started here.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,7 +18,7 @@ from ray.exceptions import ActorDiedError, RayTaskError
 from ray.serve.exceptions import BackPressureError, RequestCancelledError
 
 from serve_app.errors import InvalidRequestError, QueueFullError
-from serve_app.runpod_handler import Worker, as_serve_error, concurrency_target
+from serve_app.runpod_handler import Worker, _deploy_failure, as_serve_error, concurrency_target
 from serve_app.runpod_input import CHAT, COMPLETIONS, MODELS, IngressCall, normalise
 
 MSGS = [{"role": "user", "content": "hi"}]
@@ -165,6 +168,12 @@ def test_legacy_rejections(raw: dict[str, Any], fragments: tuple[str, ...]) -> N
     rejects(raw, *fragments)
 
 
+def test_the_documented_local_test_input_is_a_valid_job() -> None:
+    job = json.loads((Path(__file__).resolve().parents[2] / "deploy" / "runpod" / "test_input.json").read_text())
+    assert set(job) == {"input"}
+    assert normalise(job["input"]).route == CHAT
+
+
 # ---- not a job at all ---------------------------------------------------------------------------------------
 
 
@@ -231,3 +240,30 @@ def test_ray_failures_become_typed_values() -> None:
     assert err.message == "worker error: ValueError: bad" and err.to_dict()["type"] == "server_error"
     typed = RayTaskError("openai", "tb", QueueFullError("full")).as_instanceof_cause()
     assert as_serve_error(typed).code == "queue_full"
+
+
+def test_a_failed_deploy_is_summarised_on_one_line() -> None:
+    message = """Deploying app 'llm' failed with exception:
+Traceback (most recent call last):
+  File "/x/application_state.py", line 926, in _reconcile_build_app_task
+    raise x
+pydantic_core._pydantic_core.ValidationError: 1 validation error for AppArgs
+bogus_arg
+  Extra inputs are not permitted [type=extra_forbidden, input_value=1, input_type=int]
+    For further information visit https://errors.pydantic.dev/2.14/v/extra_forbidden
+"""
+    assert _deploy_failure(message) == ("ValidationError: 1 validation error for AppArgs bogus_arg Extra inputs are "
+                                        "not permitted [type=extra_forbidden, input_value=1, input_type=int]")
+    assert _deploy_failure("Traceback...\n  File x\nModuleNotFoundError: No module named 'x'") == (
+        "ModuleNotFoundError: No module named 'x'")
+    assert _deploy_failure("replica failed health checks") == "replica failed health checks"
+
+
+def test_the_worker_never_imports_the_engine() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, serve_app.runpod_handler; "
+            "print(sorted(m for m in sys.modules if m.startswith(('llama_cpp', 'serve_app.engine', 'serve_app.llama'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
