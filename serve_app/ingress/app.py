@@ -20,9 +20,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from serve_app.errors import (
     AuthenticationError,
     InvalidRequestError,
-    NotReadyError,
     RequestTooLargeError,
     ServeError,
+    ShuttingDownError,
 )
 
 from .openai import OpenAIService
@@ -115,7 +115,7 @@ def build_asgi_app(service: OpenAIService, *, api_keys: list[str], max_body_byte
             t0 = time.perf_counter()
             try:
                 if is_shutting_down() and route_path(request.scope) not in OPEN_PATHS:
-                    raise NotReadyError("the server is shutting down")
+                    raise ShuttingDownError("the server is shutting down; retry shortly")
                 resp = await fn(request, rid)
             except ServeError as e:
                 resp = error_response(e, rid)

@@ -3,6 +3,7 @@ same ``OpenAIService`` code path (the worker never speaks HTTP to us)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator
 from typing import Any
@@ -11,7 +12,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.types import ASGIApp
 
-from serve_app.errors import InvalidRequestError, ServeError
+from serve_app.errors import InvalidRequestError, ServeError, ShuttingDownError
 from serve_app.metrics import IngressMetrics
 
 from .app import build_asgi_app
@@ -29,10 +30,24 @@ class Ingress:
         self.api_keys = list(server.get("api_keys") or []) + env_keys
         self.max_body_bytes = int(server.get("max_body_bytes") or 4 * 1024 * 1024)
         self.metrics = IngressMetrics()
+        self.draining = False
 
     def __serve_build_asgi_app__(self) -> ASGIApp:
         return build_asgi_app(self.service, api_keys=self.api_keys, max_body_bytes=self.max_body_bytes,
-                              observe=self.metrics.observe)
+                              observe=self.metrics.observe, is_shutting_down=lambda: self.draining)
+
+    async def drain(self, timeout_s: float = 30.0) -> dict[str, Any]:
+        """Graceful stop, step one: refuse new requests with 503 (and /ready says so, so balancers move away),
+        let in-flight generations finish, return when the model is idle or ``timeout_s`` passed. Then delete the
+        app (``python -m serve_app.drain`` does both)."""
+        self.draining = True
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        info = await self.service.info()
+        while (info.get("slots_busy") or info.get("waiting")) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.1)
+            info = await self.service.info()
+        return {"drained": not (info.get("slots_busy") or info.get("waiting")), "slots_busy": info.get("slots_busy"),
+                "waiting": info.get("waiting")}
 
     # ---- handle API (RunPod worker) -------------------------------------------------------------------------
 
@@ -64,6 +79,8 @@ class Ingress:
 
     async def _dispatch(self, route: str, body: dict[str, Any] | None, request_id: str | None,
                         stream: bool) -> dict[str, Any] | AsyncIterator[str]:
+        if self.draining:
+            raise ShuttingDownError("the server is shutting down; retry on another worker")
         if route == "/v1/models":
             return await self.service.models()
         body = dict(body or {})

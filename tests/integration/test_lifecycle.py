@@ -88,3 +88,47 @@ def test_batched_admission_window(ray_session: str, tmp_path: Path) -> None:
         assert all(r.json()["usage"]["completion_tokens"] == 4 for r in outs)
     finally:
         serve.delete("windowed")
+
+
+def test_drain_refuses_new_requests_and_finishes_in_flight(ray_session: str, tmp_path: Path) -> None:
+    """Graceful shutdown: after drain(), new requests get 503 + Retry-After, /ready says shutting_down, and a
+    generation already running completes."""
+    import threading
+
+    from tests.support.gguf_factory import ModelSpec, write_gguf
+
+    # A slower model than the tiny one, so the in-flight request is really still running during the drain.
+    path = write_gguf(tmp_path / "m.gguf", ModelSpec(n_layer=4, n_embd=256, n_head=4, n_head_kv=4, n_ff=1024))
+    args = {"model": {"filename": str(path)}, "cache_dir": str(tmp_path / "vol"), "accelerator": "cpu",
+            "engine": {"n_parallel": 2, "n_ctx_per_slot": 1024}}
+    serve.run(build_app(args), name="drained", route_prefix="/drained")
+    url = f"{ray_session}/drained"
+    try:
+        wait_ready(url)
+        result: dict = {}
+
+        def long() -> None:
+            r = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 900, "ignore_eos": True},
+                           timeout=120)
+            result.update(status=r.status_code, usage=r.json().get("usage"))
+
+        t = threading.Thread(target=long)
+        t.start()
+        while httpx.get(f"{url}/stats").json()["slots_busy"] == 0:
+            pass
+        drain = serve.get_app_handle("drained").drain.remote(60)
+        new = None
+        for _ in range(50):
+            new = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+            if new.status_code == 503:
+                break
+        assert new is not None and new.status_code == 503, new.text if new else None
+        assert new.json()["error"]["code"] == "shutting_down" and new.headers["retry-after"]
+        assert httpx.get(f"{url}/ready").status_code == 503
+        assert drain.result(timeout_s=120)["drained"] is True
+        t.join(60)
+        assert result == {"status": 200, "usage": {"prompt_tokens": result["usage"]["prompt_tokens"],
+                                                   "completion_tokens": 900,
+                                                   "total_tokens": result["usage"]["total_tokens"]}}
+    finally:
+        serve.delete("drained")
