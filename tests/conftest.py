@@ -29,6 +29,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.fixture
+def fhub(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
+    """A fresh loopback Hub for one test, with HF_ENDPOINT pointing at it and no token or offline mode."""
+    with FakeHub() as h:
+        monkeypatch.setenv("HF_ENDPOINT", h.endpoint)
+        for var in ("HF_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+            monkeypatch.delenv(var, raising=False)
+        yield h
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return Path(write_gguf(tmp_path_factory.mktemp("models") / TEST_FILE, ModelSpec()))

@@ -9,7 +9,6 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,13 +35,6 @@ FAST = DownloadConfig(max_attempts=3, backoff_base_s=0.01, backoff_max_s=0.05, t
                       lock_timeout_s=20)
 
 
-@pytest.fixture
-def fhub(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
-    with FakeHub() as hub:
-        monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
-        for var in ("HF_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-            monkeypatch.delenv(var, raising=False)
-        yield hub
 
 
 @pytest.fixture

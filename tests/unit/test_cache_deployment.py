@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import os
 import pickle
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +23,6 @@ pytestmark = pytest.mark.timeout(60)
 REPO = "acme/tiny-GGUF"
 
 
-@pytest.fixture
-def fhub(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
-    with FakeHub() as hub:
-        monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
-        monkeypatch.delenv("HF_TOKEN", raising=False)
-        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-        yield hub
 
 
 def make_cache(tmp_path: Path) -> Any:
