@@ -41,6 +41,15 @@ def test_rayservice_embeds_a_valid_serve_config() -> None:
     assert all(w["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1 for w in workers)
 
 
+def test_runpod_template_and_test_input() -> None:
+    import json
+
+    hub = json.loads((REPO / "deploy/runpod/hub.json").read_text())
+    assert hub["type"] == "serverless" and hub["config"]["gpuCount"] == 1
+    job = json.loads((REPO / "deploy/runpod/test_input.json").read_text())
+    assert job["input"]["openai_route"] == "/v1/chat/completions"
+
+
 def test_unknown_arg_is_rejected() -> None:
     doc = yaml.safe_load((REPO / "serve_config.yaml").read_text())
     doc["applications"][0]["args"]["modle"] = {"repo_id": "x/y"}
