@@ -29,6 +29,7 @@ from serve_app.engine import (
     LlamaModelHandle,
     LoadReport,
     RequestStream,
+    device_name,
     gpu_memory,
     load_engine,
 )
@@ -117,13 +118,19 @@ class LlamaModel:
     async def _load_file(self, path: str) -> None:
         assert self.file is not None
         key = hashlib.sha256(f"{self.file.get('sha256')}|{path}".encode()).hexdigest()[:16]
-        profile = os.path.join(self.args.cache_dir, ".engine-profiles", f"{key}-{'gpu' if self.use_gpu else 'cpu'}.json")
+        device = await asyncio.to_thread(device_name) if self.use_gpu else "cpu"
+        profile = os.path.join(self.args.cache_dir, ".engine-profiles", f"{key}-{device}.json")
         t = time.perf_counter()
         self.engine, self.model, self.report = await asyncio.to_thread(
             load_engine, path, self.args.engine, want_gpu=self.use_gpu, profile_path=profile)
         self.phases["load_s"] = time.perf_counter() - t
         src = self.args.server.chat_template or self.model.chat_template()
-        self.template = ChatTemplate(src, self.model.token_text(self.model.bos), self.model.token_text(self.model.eos))
+        bos, eos = self.model.token_text(self.model.bos), self.model.token_text(self.model.eos)
+        try:
+            self.template = ChatTemplate(src, bos, eos)
+        except InvalidRequestError as e:  # a GGUF whose template does not even compile still serves
+            log.warning("%s; using the ChatML fallback template", e.message)
+            self.template = ChatTemplate(None, bos, eos)
 
     # ---- Ray Serve hooks -----------------------------------------------------------------------------------
 

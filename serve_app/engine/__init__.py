@@ -3,9 +3,9 @@
 from .aio import RequestStream, open_stream
 from .core import Delta, Engine, EngineRequest, EngineStats, Event, Failed, Finished
 from .llama import LlamaModelHandle, gpu_offload_supported
-from .loader import LoadReport, gpu_memory, load_engine
+from .loader import LoadReport, device_name, gpu_memory, load_engine
 
 __all__ = [
     "Delta", "Engine", "EngineRequest", "EngineStats", "Event", "Failed", "Finished", "LlamaModelHandle",
-    "LoadReport", "RequestStream", "gpu_memory", "gpu_offload_supported", "load_engine", "open_stream",
+    "LoadReport", "RequestStream", "device_name", "gpu_memory", "gpu_offload_supported", "load_engine", "open_stream",
 ]
