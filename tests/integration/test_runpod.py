@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ import yaml
 
 from tests.conftest import LLM_APP_ARGS, free_port
 from tests.support.fake_runpod import FakeRunPod
+from tests.support.procs import stop_process_group
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -53,14 +53,7 @@ def start_worker(log_path: Path, env: dict[str, str], *args: str) -> subprocess.
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def stop_worker(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+stop_worker = stop_process_group
 
 
 def log_tail(path: Path, n: int = 4000) -> str:

@@ -4,7 +4,6 @@ a chat completion; without Hub access the preflight fails fast with one readable
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import pytest
 import yaml
 
 from tests.conftest import TEST_FILE, TEST_REPO, free_port
+from tests.support.procs import stop_process_group
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -68,12 +68,7 @@ def test_serve_run_repo_config(hub, tmp_path: Path) -> None:
         print(f"serve run: ready after {time.time() - t0:.1f} s")
         check_dashboard_lists_healthy_deployments()
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        stop_process_group(proc)
 
 
 def check_dashboard_lists_healthy_deployments() -> None:
