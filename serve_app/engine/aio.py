@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import AsyncIterator
 
 from serve_app.schemas import SamplingParams
@@ -16,6 +17,8 @@ class _LoopSink:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.pending: list[tuple[asyncio.Queue[Event], Event]] = []
+        # One bound method shared by every request of this loop: the engine dedups flushes by identity.
+        self.flush_once = self.flush
 
     def put(self, q: asyncio.Queue[Event], ev: Event) -> None:
         self.pending.append((q, ev))  # list.append is atomic under the GIL; only the engine thread appends
@@ -23,7 +26,10 @@ class _LoopSink:
     def flush(self) -> None:
         if self.pending:
             batch, self.pending = self.pending, []
-            self.loop.call_soon_threadsafe(self._deliver, batch)
+            try:
+                self.loop.call_soon_threadsafe(self._deliver, batch)
+            except RuntimeError:
+                pass  # the loop is closed: nobody is left to read these events
 
     @staticmethod
     def _deliver(batch: list[tuple[asyncio.Queue[Event], Event]]) -> None:
@@ -31,13 +37,13 @@ class _LoopSink:
             q.put_nowait(ev)
 
 
-_sinks: dict[int, _LoopSink] = {}
+_sinks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopSink] = weakref.WeakKeyDictionary()
 
 
 def _sink_for(loop: asyncio.AbstractEventLoop) -> _LoopSink:
-    sink = _sinks.get(id(loop))
-    if sink is None or sink.loop is not loop:
-        sink = _sinks[id(loop)] = _LoopSink(loop)
+    sink = _sinks.get(loop)
+    if sink is None:
+        sink = _sinks[loop] = _LoopSink(loop)
     return sink
 
 
@@ -52,7 +58,7 @@ class RequestStream:
         self._sink = _sink_for(asyncio.get_running_loop())
         self._q: asyncio.Queue[Event] = asyncio.Queue()
         self.request = EngineRequest(id=request_id, prompt=prompt, params=params, emit=self._emit, stream=stream,
-                                     flush=self._sink.flush)
+                                     flush=self._sink.flush_once)
         self.done = False
         self._engine: Engine | None = None
 

@@ -213,6 +213,7 @@ class Engine:
             self._drain_inbox(block=False)
             while self._waiting:
                 self._fail_waiting(self._waiting.popleft(), EngineDeadError(reason))
+            self._flush()  # deliver those failures: consumers must not wait forever on a dead engine
             self.dead = self.dead or "shut down"
 
     def _emit(self, req: EngineRequest, ev: Event) -> None:

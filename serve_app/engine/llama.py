@@ -163,11 +163,6 @@ class LlamaModelHandle:
         ptr = L.llama_model_chat_template(self.ptr, None)
         return ptr.decode("utf-8", "replace") if ptr else None
 
-    def description(self) -> str:
-        buf = ctypes.create_string_buffer(256)
-        L.llama_model_desc(self.ptr, buf, len(buf))
-        return buf.value.decode("utf-8", "replace")
-
     # ---- tokens --------------------------------------------------------------------------------------------
 
     def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:

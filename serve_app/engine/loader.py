@@ -12,7 +12,7 @@ import logging
 import os
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from serve_app.config import EngineConfig
@@ -201,6 +201,3 @@ def load_engine(path: str, cfg: EngineConfig, *, want_gpu: bool, profile_path: s
         raise OutOfMemoryError(f"no memory plan fits after {len(report.tried)} attempts: {last_err.message}")
     raise last_err or ModelLoadError("model could not be loaded")
 
-
-def plan_dict(report: LoadReport) -> dict[str, Any]:
-    return asdict(report)

@@ -237,3 +237,18 @@ def test_seeded_sampling_is_reproducible_and_mixes_with_greedy(loaded) -> None:
     assert a[0] == b[0]  # same seed, same text, even batched next to a greedy request
     assert a[0] != c[0]
     assert g[0] == g_alone[0]
+
+
+def test_shutdown_fails_open_streams_instead_of_hanging(tiny_model: Path) -> None:
+    eng, model, _ = load_engine(str(tiny_model), EngineConfig(n_parallel=1, n_ctx_per_slot=256, max_queue=2),
+                                want_gpu=False)
+
+    async def main() -> list:
+        running = open_stream(eng, "running", model.tokenize(PROMPTS[0], True, False), greedy(200))
+        queued = open_stream(eng, "queued", model.tokenize(PROMPTS[1], True, False), greedy(5))
+        await asyncio.to_thread(eng.shutdown)
+        return [[ev async for ev in s.events()][-1] for s in (running, queued)]
+
+    finals = asyncio.run(asyncio.wait_for(main(), 30))
+    assert all(isinstance(f, Failed | Finished) for f in finals)
+    assert any(isinstance(f, Failed) and f.error.code == "engine_dead" for f in finals)
