@@ -185,10 +185,7 @@ class LlamaModel:
                 if isinstance(ev, Delta):
                     yield _event("delta", text=ev.text, n=ev.n_tokens)
                 elif isinstance(ev, Finished):
-                    done = _event("done", finish_reason=ev.finish_reason, usage=ev.usage.model_dump(),
-                                  timings=ev.timings.model_dump())
-                    self._observe(done)
-                    yield done
+                    yield self._done(ev)
                 elif isinstance(ev, Failed):
                     yield _error_event(ev.error)
         finally:
@@ -206,10 +203,7 @@ class LlamaModel:
                 if isinstance(ev, Delta):
                     parts.append(ev.text)
                 elif isinstance(ev, Finished):
-                    done = _event("done", text="".join(parts), finish_reason=ev.finish_reason,
-                                  usage=ev.usage.model_dump(), timings=ev.timings.model_dump())
-                    self._observe(done)
-                    return done
+                    return {**self._done(ev), "text": "".join(parts)}
                 elif isinstance(ev, Failed):
                     return _error_event(ev.error)
         finally:
@@ -238,6 +232,12 @@ class LlamaModel:
             return _error_event(e)
 
     # ---- internals -----------------------------------------------------------------------------------------
+
+    def _done(self, ev: Finished) -> dict[str, Any]:
+        done = _event("done", finish_reason=ev.finish_reason, usage=ev.usage.model_dump(),
+                      timings=ev.timings.model_dump())
+        self._observe(done)
+        return done
 
     def _observe(self, done: dict[str, Any]) -> None:
         self.metrics.observe_finish(done["finish_reason"], done["usage"], done["timings"])
