@@ -56,6 +56,20 @@ def start_worker(log_path: Path, env: dict[str, str], *args: str) -> subprocess.
 stop_worker = stop_process_group
 
 
+def wait_for_local_api(proc: subprocess.Popen[bytes], log_path: Path, port: int) -> str:
+    """Wait until the worker's --rp_serve_api server answers (it starts only once the model is ready)."""
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 150
+    while True:
+        assert proc.poll() is None, f"worker exited rc={proc.returncode}:\n{log_tail(log_path)}"
+        assert time.monotonic() < deadline, f"the local API never came up:\n{log_tail(log_path)}"
+        try:
+            httpx.get(f"{base}/openapi.json", timeout=2)
+            return base
+        except httpx.TransportError:
+            time.sleep(0.3)
+
+
 def log_tail(path: Path, n: int = 4000) -> str:
     return path.read_text(errors="replace")[-n:]
 
@@ -226,18 +240,8 @@ def rp_serve_api(llm_app: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
     if token.exists():
         env["RAY_AUTH_TOKEN"] = token.read_text().strip()
     proc = start_worker(log_path, env, "--rp_serve_api", "--rp_api_host", "127.0.0.1", "--rp_api_port", str(port))
-    base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 150
-        while True:
-            assert proc.poll() is None, f"worker exited rc={proc.returncode}:\n{log_tail(log_path)}"
-            assert time.monotonic() < deadline, f"the local API never came up:\n{log_tail(log_path)}"
-            try:
-                httpx.get(f"{base}/openapi.json", timeout=2)
-                break
-            except httpx.TransportError:
-                time.sleep(0.3)
-        yield base
+        yield wait_for_local_api(proc, log_path, port)
     finally:
         stop_worker(proc)
 
@@ -289,16 +293,9 @@ def test_worker_starts_ray_and_the_app_from_the_config(tiny_model: Path, tmp_pat
     proc = start_worker(log_path, env, "--rp_serve_api", "--rp_api_host", "127.0.0.1", "--rp_api_port",
                         str(api_port))
     try:
-        deadline = time.monotonic() + 150
-        while True:
-            assert proc.poll() is None, f"worker exited rc={proc.returncode}:\n{log_tail(log_path)}"
-            assert time.monotonic() < deadline, f"the local API never came up:\n{log_tail(log_path)}"
-            try:
-                r = httpx.post(f"http://127.0.0.1:{api_port}/runsync", timeout=60, json={"input": {
-                    "messages": MSGS, "sampling_params": {**GEN, "max_tokens": 4}}})
-                break
-            except httpx.TransportError:
-                time.sleep(0.5)
+        base = wait_for_local_api(proc, log_path, api_port)
+        r = httpx.post(f"{base}/runsync", timeout=60, json={"input": {
+            "messages": MSGS, "sampling_params": {**GEN, "max_tokens": 4}}})
         out = r.json()
         assert out["status"] == "COMPLETED" and out["output"][0]["usage"]["completion_tokens"] == 4, out
         # the config's own http_options were applied: the app also answers HTTP on its port
