@@ -192,8 +192,16 @@ async def handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any] | str]:
         WORKER.in_flight -= 1
 
 
+def _by_value(ingress: DeploymentHandle) -> DeploymentHandle:
+    """Jobs go to the ingress over Ray Serve's direct gRPC channel (about 1 ms less each way than the object
+    store); ``GGUF_SERVE_LOW_LATENCY=0`` keeps Ray's default."""
+    if os.environ.get("GGUF_SERVE_LOW_LATENCY", "1") == "0":
+        return ingress
+    return ingress.options(_by_reference=False)
+
+
 async def _unary(ingress: DeploymentHandle, call: IngressCall, request_id: str) -> dict[str, Any]:
-    resp = ingress.openai.remote(call.route, call.body, request_id=request_id)
+    resp = _by_value(ingress).openai.remote(call.route, call.body, request_id=request_id)
     try:
         out = await resp
     except asyncio.CancelledError:  # RunPod stopped the job: awaiting alone would not stop the request
@@ -206,7 +214,7 @@ async def _unary(ingress: DeploymentHandle, call: IngressCall, request_id: str) 
 
 async def _stream(ingress: DeploymentHandle, call: IngressCall,
                   request_id: str) -> AsyncIterator[dict[str, Any] | str]:
-    gen = ingress.options(stream=True).openai_stream.remote(call.route, call.body, request_id=request_id)
+    gen = _by_value(ingress).options(stream=True).openai_stream.remote(call.route, call.body, request_id=request_id)
     finished = False
     try:
         async for item in gen:

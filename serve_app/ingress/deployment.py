@@ -25,6 +25,10 @@ ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models")
 @serve.ingress()
 class Ingress:
     def __init__(self, model: DeploymentHandle, model_id: str, server: dict[str, Any], default_max_tokens: int) -> None:
+        if server.get("low_latency", True):
+            # By value over Ray Serve's replica-to-replica gRPC channel instead of through the object store: about
+            # 1 ms less each way per request and per streamed item (measured; see README).
+            model = model.options(_by_reference=False)
         self.service = OpenAIService(model, model_id, default_max_tokens)
         env_keys = [k.strip() for k in os.environ.get("GGUF_SERVE_API_KEYS", "").split(",") if k.strip()]
         self.api_keys = list(server.get("api_keys") or []) + env_keys

@@ -12,6 +12,7 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
+from serve_app.builder import LOW_LATENCY_ENV, token_path_actor_options
 from serve_app.config import AppArgs
 
 REPO = Path(__file__).resolve().parents[2]
@@ -22,7 +23,13 @@ def check_serve_config(doc: dict) -> ServeDeploySchema:
     schema = ServeDeploySchema.model_validate(doc)
     apps = {a.name: a for a in schema.applications}
     assert apps["llm"].import_path == "serve_app.builder:build_app"
-    AppArgs.model_validate(apps["llm"].args)
+    args = AppArgs.model_validate(apps["llm"].args)
+    for d in apps["llm"].deployments:
+        opts = d.ray_actor_options
+        if d.name in ("LlamaModel", "Ingress") and args.server.low_latency and opts is not None and opts != "DEFAULT":
+            # An override replaces the builder's ray_actor_options: it must restate the low-latency settings.
+            env = (opts.runtime_env or {}).get("env_vars", {})
+            assert all(env.get(k) == v for k, v in LOW_LATENCY_ENV.items()), f"{d.name}: {env}"
     return schema
 
 
@@ -65,3 +72,11 @@ def test_dockerfile_passes_hadolint() -> None:
     r = subprocess.run([exe, "--config", str(REPO / ".hadolint.yaml"), str(REPO / "Dockerfile")],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_low_latency_settings_are_on_by_default_and_can_be_turned_off() -> None:
+    on = AppArgs.model_validate({"model": {"filename": "/m.gguf", "repo_id": None}})
+    assert on.server.low_latency
+    assert token_path_actor_options(on, 1)["runtime_env"]["env_vars"] == LOW_LATENCY_ENV
+    off = AppArgs.model_validate({"model": {"filename": "/m.gguf", "repo_id": None}, "server": {"low_latency": False}})
+    assert "runtime_env" not in token_path_actor_options(off, 1)
