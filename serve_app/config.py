@@ -72,6 +72,13 @@ class EngineConfig(_Strict):
     n_gpu_layers: int = Field(default=-1, description="-1 = all layers on the GPU when there is one.")
     flash_attn: Literal["auto", "on", "off"] = "auto"
     kv_type: KVType = Field(default="f16", description="KV cache type: f16, or quantised q8_0 / q4_0.")
+    kv_unified: bool = Field(
+        default=False,
+        description="One KV pool shared by all slots (llama-server --kv-unified): one request may use up to "
+                    "n_parallel * n_ctx_per_slot tokens. When many long requests fill it, the newest one is paused "
+                    "and resumed once another finishes. Off: each slot owns n_ctx_per_slot cells, which measured 3x "
+                    "faster per decode step at long contexts.",
+    )
     n_threads: int | None = Field(default=None, ge=1, description="CPU threads; default: all cores.")
     max_queue: int = Field(default=256, ge=0, description="Waiting requests beyond the slots; more gets 429.")
     use_extra_bufts: bool | None = Field(

@@ -168,6 +168,7 @@ class LlamaModel:
             out.update(n_ctx_seq=self.engine.n_ctx_seq, slots_total=st.slots_total, slots_busy=st.slots_busy,
                        waiting=st.waiting, kv_cells_used=st.kv_cells_used, kv_cells_total=st.kv_cells_total,
                        tokens_generated=st.tokens_generated, tokens_prompt=st.tokens_prompt, dead=st.dead,
+                       preemptions=st.preemptions,
                        plan=self.report.plan if self.report else None)
         out["gpu_memory"] = gpu_memory() if self.use_gpu else None
         return out

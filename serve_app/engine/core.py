@@ -51,6 +51,23 @@ Event = Delta | Finished | Failed
 
 
 @dataclass
+class _Resume:
+    """A preempted request's generation state: on re-admission its prompt and the tokens it already produced are
+    prefilled again and generation goes on from there, so nothing already streamed is produced twice."""
+
+    out_tokens: list[int]
+    generated: int
+    budget: int
+    last_token: int
+    sampler: SamplerChain | None
+    utf8: Utf8Stream | None
+    stops: StopMatcher | None
+    text: list[str]
+    t_admit: float
+    t_first: float
+
+
+@dataclass
 class EngineRequest:
     id: str
     prompt: list[int]
@@ -59,13 +76,16 @@ class EngineRequest:
     stream: bool = True  # False: the text arrives in one Delta just before Finished (no per-token wakeups)
     flush: Callable[[], None] | None = None  # called once after each engine step that emitted for this request
     arrival: float = field(default_factory=time.perf_counter)
+    resume: _Resume | None = None  # set while a preempted request waits to be re-admitted
 
 
 @dataclass
 class _Slot:
     seq: int
     req: EngineRequest | None = None
-    prompt: np.ndarray | None = None
+    prompt: np.ndarray | None = None  # what is prefilled: the request's prompt (+ its output so far, on resume)
+    n_prompt: int = 0  # the request's own prompt length, for usage
+    out_tokens: list[int] = field(default_factory=list)
     n_prefilled: int = 0
     n_past: int = 0
     budget: int = 0  # max new tokens, already capped by the room left in the slot
@@ -101,6 +121,7 @@ class EngineStats:
     tokens_generated: int
     tokens_prompt: int
     dead: str | None
+    preemptions: int = 0
 
 
 class Engine:
@@ -127,6 +148,8 @@ class Engine:
         self.steps = 0
         self.tokens_generated = 0
         self.tokens_prompt = 0
+        self.preemptions = 0  # requests paused because a unified KV ran out of cells
+        self._kv_full = False
         self._thread = threading.Thread(target=self._run, name="llama-engine", daemon=True)
         self._thread.start()
 
@@ -162,9 +185,9 @@ class Engine:
         busy = [s for s in self._slots if s.busy]
         return EngineStats(
             slots_total=self.n_slots, slots_busy=len(busy), waiting=max(0, self._pending - len(busy)),
-            kv_cells_used=sum(s.n_past for s in busy), kv_cells_total=self.n_slots * self.n_ctx_seq,
+            kv_cells_used=sum(s.n_past for s in busy), kv_cells_total=self.ctx.n_ctx,
             steps=self.steps, tokens_generated=self.tokens_generated, tokens_prompt=self.tokens_prompt,
-            dead=self.dead,
+            dead=self.dead, preemptions=self.preemptions,
         )
 
     @property
@@ -256,12 +279,16 @@ class Engine:
             for r in self._waiting:
                 if r.id in self._cancelled:
                     self._cancelled.discard(r.id)
+                    if r.resume is not None and r.resume.sampler is not None:
+                        r.resume.sampler.close()
                     self._done_pending()
             self._waiting = keep
         # A cancel for a request that already finished must not linger and match nothing forever.
         self._cancelled.clear()
 
     def _admit(self) -> None:
+        if self._kv_full:
+            return  # a request was preempted for KV room: admit nothing until a running one frees its cells
         for s in self._slots:
             if not self._waiting:
                 return
@@ -269,8 +296,14 @@ class Engine:
                 continue
             r = self._waiting.popleft()
             s.req = r
+            s.n_prompt = len(r.prompt)
+            s.n_prefilled = s.n_past = 0
+            if r.resume is not None:
+                self._restore(s, r)
+                continue
             s.prompt = np.asarray(r.prompt, dtype=np.int32)
-            s.n_prefilled = s.n_past = s.generated = 0
+            s.out_tokens = []
+            s.generated = 0
             s.budget = min(r.params.max_tokens, self.n_ctx_seq - len(r.prompt))
             seed = r.params.seed if r.params.seed is not None else int.from_bytes(np.random.bytes(4), "little")
             s.sampler = None if (r.params.greedy and not r.params.penalised) else SamplerChain(self.model, r.params,
@@ -279,6 +312,16 @@ class Engine:
             s.stops = StopMatcher(r.params.stop)
             s.t_admit = time.perf_counter()
             s.t_first = 0.0
+
+    @staticmethod
+    def _restore(s: _Slot, r: EngineRequest) -> None:
+        res = r.resume
+        assert res is not None
+        r.resume = None
+        s.prompt = np.asarray(r.prompt + res.out_tokens, dtype=np.int32)
+        s.out_tokens, s.generated, s.budget, s.last_token = res.out_tokens, res.generated, res.budget, res.last_token
+        s.sampler, s.utf8, s.stops, s.text = res.sampler, res.utf8, res.stops, res.text
+        s.t_admit, s.t_first = res.t_admit, res.t_first
 
     def _build_batch(self) -> list[_Slot]:
         b = self._batch
@@ -346,8 +389,9 @@ class Engine:
         return out
 
     def _preempt_newest(self) -> None:
-        """No KV room for this batch (llama.cpp restored its memory state): put the most recently admitted request
-        back in front of the queue, with its KV freed, so the others can go on."""
+        """No KV room for this batch (only with a unified KV; llama.cpp restored its memory state): put the most
+        recently admitted request back in front of the queue with its KV freed and its progress kept, so the others
+        can go on; nothing is admitted until one of them finishes. A lone request cannot be helped: it fails."""
         busy = sorted((s for s in self._slots if s.busy), key=lambda s: s.t_admit)
         for s in busy:
             s.pending_prefill = 0
@@ -357,11 +401,17 @@ class Engine:
                 self._finish_error(busy[0], EngineError("the KV cache has no room for this request"))
             return
         victim = busy[-1]
-        assert victim.req is not None
-        log.warning("KV cache full: requeueing request %s (%d active)", victim.req.id, len(busy))
         req = victim.req
+        assert req is not None
+        log.warning("KV cache full: pausing request %s after %d tokens (%d active)", req.id, victim.generated,
+                    len(busy))
+        req.resume = _Resume(list(victim.out_tokens), victim.generated, victim.budget, victim.last_token,
+                             victim.sampler, victim.utf8, victim.stops, victim.text, victim.t_admit, victim.t_first)
+        victim.sampler = None  # now owned by the resume state: resetting the slot must not free it
         self._reset_slot(victim)
         self._waiting.appendleft(req)
+        self._kv_full = True
+        self.preemptions += 1
 
     def _accept(self, s: _Slot, tok: int) -> None:
         req = s.req
@@ -374,6 +424,7 @@ class Engine:
             return
         s.generated += 1
         s.last_token = tok
+        s.out_tokens.append(tok)
         self.tokens_generated += 1
         assert s.utf8 is not None and s.stops is not None
         text, stopped = s.stops.push(s.utf8.push(self.model.piece(tok)))
@@ -401,7 +452,7 @@ class Engine:
         end = time.perf_counter()
         first = s.t_first or end
         decode_s = end - first
-        n_prompt = len(s.prompt)
+        n_prompt = s.n_prompt
         timings = Timings(
             queue_ms=(s.t_admit - req.arrival) * 1e3, prompt_ms=(first - s.t_admit) * 1e3,
             ttft_ms=(first - req.arrival) * 1e3, decode_ms=decode_s * 1e3,
@@ -425,6 +476,7 @@ class Engine:
     def _release(self, s: _Slot) -> None:
         self._reset_slot(s)
         self._done_pending()
+        self._kv_full = False  # its cells are free again
 
     def _reset_slot(self, s: _Slot) -> None:
         self.ctx.free_seq(s.seq)
@@ -432,6 +484,7 @@ class Engine:
             s.sampler.close()
         s.req = None
         s.prompt = None
+        s.out_tokens = []
         s.sampler = s.utf8 = s.stops = None
         s.text = []
         s.n_prefilled = s.n_past = s.generated = s.pending_prefill = 0
