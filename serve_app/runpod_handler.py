@@ -32,16 +32,10 @@ import ray
 import yaml
 from pydantic import ValidationError
 from ray import serve
-from ray.exceptions import RayActorError, RayTaskError
-from ray.serve.exceptions import (
-    BackPressureError,
-    DeploymentUnavailableError,
-    ReplicaUnavailableError,
-    RequestCancelledError,
-)
 from ray.serve.handle import DeploymentHandle
 
-from serve_app.errors import EngineDeadError, NotReadyError, QueueFullError, ServeError
+from serve_app.errors import NotReadyError, ServeError
+from serve_app.ray_errors import ray_failure, unwrap_cause
 from serve_app.runpod_input import IngressCall, normalise
 
 log = logging.getLogger("serve_app.runpod")
@@ -66,17 +60,10 @@ def error_body(err: ServeError) -> dict[str, Any]:
 
 def as_serve_error(exc: BaseException) -> ServeError:
     """Any exception from the Ray call as a typed, client-readable error (never a traceback)."""
-    cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
-    if isinstance(cause, ServeError) and not isinstance(cause, RayTaskError):
-        return cause
-    if isinstance(cause, BackPressureError):
-        return QueueFullError("the model server is at capacity; retry later")
-    if isinstance(cause, RequestCancelledError):
-        return ServeError("the request was cancelled")
-    if isinstance(cause, DeploymentUnavailableError):
-        return NotReadyError("the model server application is not available; retry later")
-    if isinstance(cause, RayActorError | ReplicaUnavailableError):
-        return EngineDeadError(f"the model server process went away ({type(cause).__name__}); retry the request")
+    typed = ray_failure(exc)
+    if typed is not None:
+        return typed
+    cause = unwrap_cause(exc)
     detail = one_line(cause)
     return ServeError(f"worker error: {type(cause).__name__}{': ' + detail if detail else ''}")
 

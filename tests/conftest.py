@@ -85,7 +85,7 @@ def wait_ready(base: str, timeout: float = 120) -> dict:
         last = r.json()
         if r.status_code == 200:
             return last
-        assert last["status"] == "loading", last
+        assert last["status"] in ("loading", "unavailable"), last  # unavailable: the replica is restarting
         time.sleep(0.2)
     raise AssertionError(f"not ready: {last}")
 

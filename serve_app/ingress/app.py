@@ -151,7 +151,11 @@ def build_asgi_app(service: OpenAIService, *, api_keys: list[str], max_body_byte
         return JSONResponse({"status": "ok"})
 
     async def ready(request: Request, rid: str) -> Response:
-        info = await service.info()
+        try:
+            info = await service.info()
+        except ServeError as e:  # LlamaModel has no live replica right now (restarting after a crash)
+            return JSONResponse({"status": "unavailable", "error": e.message}, status_code=503,
+                                headers={"Retry-After": "2"})
         state = info["state"]
         body: dict[str, Any] = {"status": state, "model": info["model"]}
         if state == "failed":

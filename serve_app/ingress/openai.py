@@ -7,9 +7,10 @@ OpenAI response dict or (streaming) an async iterator of SSE ``data:`` strings. 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any, Protocol
 
 from pydantic import BaseModel, ValidationError
@@ -21,6 +22,7 @@ from serve_app.errors import (
     ServeError,
     error_from_dict,
 )
+from serve_app.ray_errors import ray_failure
 from serve_app.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -34,6 +36,7 @@ from serve_app.schemas import (
 log = logging.getLogger("ray.serve")
 
 DONE = "data: [DONE]\n\n"
+INFO_TIMEOUT_S = 3.0
 
 
 class ModelHandle(Protocol):
@@ -66,6 +69,18 @@ def _raise_if_error(ev: dict[str, Any]) -> None:
         raise error_from_dict(ev["error"])
 
 
+async def _call(awaitable: Awaitable[Any]) -> Any:
+    """Await a handle call; a failure of the call itself (LlamaModel's replica died or is restarting, back-pressure)
+    becomes a typed, retryable error instead of a 500. Anything else is a bug and stays itself."""
+    try:
+        return await awaitable
+    except Exception as e:
+        typed = ray_failure(e)
+        if typed is None:
+            raise
+        raise typed from None
+
+
 class OpenAIService:
     def __init__(self, model: Any, model_id: str, default_max_tokens: int) -> None:
         self.model = model
@@ -75,7 +90,13 @@ class OpenAIService:
     # ---- small routes --------------------------------------------------------------------------------------
 
     async def info(self) -> dict[str, Any]:
-        return await self.model.info.remote()
+        # While LlamaModel has no live replica (restarting after a crash) a handle call waits for one; a readiness
+        # probe must get its 503 quickly instead.
+        try:
+            return await asyncio.wait_for(_call(self.model.info.remote()), INFO_TIMEOUT_S)
+        except TimeoutError:
+            raise NotReadyError(f"the model server did not answer within {INFO_TIMEOUT_S:.0f} s (restarting?)") \
+                from None
 
     async def models(self) -> dict[str, Any]:
         return {"object": "list", "data": [model_card(self.model_id)]}
@@ -87,13 +108,13 @@ class OpenAIService:
             payload["messages"] = [{"role": m.role, "content": m.text()} for m in req.messages]
         else:
             payload["text"] = req.content if req.content is not None else req.prompt
-        out = await self.model.tokenize.remote(payload)
+        out = await _call(self.model.tokenize.remote(payload))
         _raise_if_error(out)
         return out
 
     async def detokenize(self, body: Any) -> dict[str, Any]:
         req: DetokenizeRequest = parse(DetokenizeRequest, body)
-        out = await self.model.detokenize.remote({"tokens": req.tokens})
+        out = await _call(self.model.detokenize.remote({"tokens": req.tokens}))
         _raise_if_error(out)
         return out
 
@@ -128,12 +149,12 @@ class OpenAIService:
                    include_usage: bool) -> dict[str, Any] | AsyncIterator[str]:
         rid = payload["request_id"]
         if not stream:
-            out = await self.model.complete.remote(payload)
+            out = await _call(self.model.complete.remote(payload))
             _raise_if_error(out)
             return self._full_response(rid, out, chat)
         gen = self.model.options(stream=True).generate.remote(payload)
         try:
-            first = await gen.__anext__()
+            first = await _call(gen.__anext__())
         except StopAsyncIteration:
             raise NotReadyError("the model closed the stream before it started") from None
         if first.get("type") == "error":
@@ -183,12 +204,27 @@ class OpenAIService:
                 elif kind == "error":
                     yield sse({"error": ev["error"]})
                     break
-                ev = await anext(gen, None)
+                ev = await self._next_event(rid, gen)
             finished = True
             yield DONE
         finally:
             if not finished:  # the client went away: stop generating (frees the slot within one step)
                 gen.cancel()
+
+
+    @staticmethod
+    async def _next_event(rid: str, gen: Any) -> dict[str, Any] | None:
+        """The next event, or an ``error`` event when the stream itself broke (the model's replica died
+        mid-generation): the client gets an error chunk and ``[DONE]``, as from vLLM, not a cut connection."""
+        try:
+            ev: dict[str, Any] | None = await anext(gen, None)
+            return ev
+        except Exception as e:
+            err = ray_failure(e)
+            if err is None:
+                log.error("stream %s failed: %s: %s", rid, type(e).__name__, e, exc_info=e)
+                err = ServeError(f"internal error (request id {rid})")
+            return {"type": "error", "error": err.to_dict()}
 
 
 def error_body(err: ServeError) -> dict[str, Any]:

@@ -132,3 +132,50 @@ def test_drain_refuses_new_requests_and_finishes_in_flight(ray_session: str, tmp
                                                    "total_tokens": result["usage"]["total_tokens"]}}
     finally:
         serve.delete("drained")
+
+
+def test_model_replica_dying_mid_stream_gives_an_error_chunk_then_recovers(ray_session: str, tmp_path: Path) -> None:
+    """Killing LlamaModel's process while it streams: the client gets an OpenAI-style error chunk (engine_dead,
+    retryable) and ``[DONE]``, not a cut connection; Ray Serve restarts the replica and the app serves again."""
+    import json
+    import threading
+    import time
+
+    import ray
+
+    from tests.support.gguf_factory import ModelSpec, write_gguf
+
+    path = write_gguf(tmp_path / "m.gguf", ModelSpec(n_layer=4, n_embd=256, n_head=4, n_head_kv=4, n_ff=1024))
+    args = {"model": {"filename": str(path)}, "cache_dir": str(tmp_path / "vol"), "accelerator": "cpu",
+            "engine": {"n_parallel": 2, "n_ctx_per_slot": 1024}}
+    serve.run(build_app(args), name="killed", route_prefix="/killed")
+    url = f"{ray_session}/killed"
+    try:
+        wait_ready(url)
+        lines: list[str] = []
+
+        def kill_when_streaming() -> None:
+            while not any('"text":"' in ln for ln in lines):
+                time.sleep(0.01)
+            name = next(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                        if a["name"].startswith("SERVE_REPLICA::killed#LlamaModel"))
+            ray.kill(ray.get_actor(name, namespace="serve"), no_restart=False)
+
+        killer = threading.Thread(target=kill_when_streaming, daemon=True)
+        killer.start()
+        with httpx.stream("POST", f"{url}/v1/completions", timeout=60,
+                          json={"prompt": "hi", "max_tokens": 900, "ignore_eos": True, "stream": True}) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line:
+                    lines.append(line)
+        killer.join(10)
+        assert lines[-1] == "data: [DONE]"
+        err = json.loads(lines[-2][len("data: "):])["error"]
+        assert err["code"] == "engine_dead" and "retry" in err["message"], err
+        assert "Traceback" not in "".join(lines)
+        wait_ready(url)  # Ray Serve replaced the replica; the model loads again from the volume
+        again = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 3}, timeout=60)
+        assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] == 3
+    finally:
+        serve.delete("killed")
