@@ -75,6 +75,7 @@ class DirectEngine:
     def __init__(self, path: str, max_conc: int, threads: int, tokens: int) -> None:
         self.eng, self.model, _ = load_engine(path, engine_cfg(max_conc, threads), want_gpu=True)
         self.params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+        self.step_ms: dict[str, dict[str, float]] = {}
 
     async def one(self, p: str, stream: bool = False, max_tokens: int | None = None) -> tuple[int, float]:
         t0 = time.perf_counter()
@@ -89,7 +90,17 @@ class DirectEngine:
         raise RuntimeError("no result")
 
     async def level(self, ps: list[str]) -> int:
-        return sum(n for n, _ in await asyncio.gather(*[self.one(p) for p in ps]))
+        before = self.eng.stats()
+        toks = sum(n for n, _ in await asyncio.gather(*[self.one(p) for p in ps]))
+        await asyncio.sleep(0.05)  # let the engine thread close the step that delivered the last result
+        after = self.eng.stats()
+        steps = max(1, after.steps - before.steps)
+        decode, sample = after.decode_s - before.decode_s, after.sample_s - before.sample_s
+        other = after.busy_s - before.busy_s - decode - sample
+        # Per engine step, measured by the engine itself: what the step time is spent on.
+        self.step_ms[str(len(ps))] = {"steps": steps, "decode": round(decode / steps * 1e3, 3),
+                                      "sample": round(sample / steps * 1e3, 3), "python": round(other / steps * 1e3, 3)}
+        return toks
 
     async def ttft_ms(self, p: str) -> float:
         return (await self.one(p, stream=True, max_tokens=4))[1] * 1e3
@@ -172,6 +183,8 @@ async def measure(paths: dict[str, Any], levels: list[int], ttft_n: int) -> dict
                 rate = round(toks / (time.perf_counter() - t0), 1)
                 best[name][str(n)] = max(best[name].get(str(n), 0.0), rate)
     out: dict[str, Any] = {k: {"tok_s": v} for k, v in best.items()}
+    if "engine" in paths:
+        out["engine"]["step_ms_last_rep"] = paths["engine"].step_ms
     for name in ("engine", "http_ingress"):
         if name in paths:
             samples = [await paths[name].ttft_ms(p) for p in prompts(ttft_n, salt=99)]

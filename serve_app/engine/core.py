@@ -122,6 +122,9 @@ class EngineStats:
     tokens_prompt: int
     dead: str | None
     preemptions: int = 0
+    decode_s: float = 0.0
+    sample_s: float = 0.0
+    busy_s: float = 0.0
 
 
 class Engine:
@@ -149,6 +152,10 @@ class Engine:
         self.tokens_generated = 0
         self.tokens_prompt = 0
         self.preemptions = 0  # requests paused because a unified KV ran out of cells
+        # Where the engine thread's working time goes (seconds, cumulative): llama_decode; sampling (from the end of
+        # llama_decode to the step's tokens: position bookkeeping, the vectorised argmax, sampler chains); and all
+        # of it, so the rest is Python around them (admission, batch building, text and stop handling, delivery).
+        self.decode_s = self.sample_s = self.busy_s = 0.0
         self._kv_full = False
         self._thread = threading.Thread(target=self._run, name="llama-engine", daemon=True)
         self._thread.start()
@@ -187,7 +194,8 @@ class Engine:
             slots_total=self.n_slots, slots_busy=len(busy), waiting=max(0, self._pending - len(busy)),
             kv_cells_used=sum(s.n_past for s in busy), kv_cells_total=self.ctx.n_ctx,
             steps=self.steps, tokens_generated=self.tokens_generated, tokens_prompt=self.tokens_prompt,
-            dead=self.dead, preemptions=self.preemptions,
+            dead=self.dead, preemptions=self.preemptions, decode_s=self.decode_s, sample_s=self.sample_s,
+            busy_s=self.busy_s,
         )
 
     @property
@@ -218,11 +226,17 @@ class Engine:
                 self._drain_inbox(block=not any(s.busy for s in self._slots) and not self._waiting)
                 if self._stop:
                     break
+                t0 = time.perf_counter()
                 self._apply_cancellations()
                 self._admit()
+                decode_s = sample_s = 0.0
                 if any(s.busy for s in self._slots):
-                    self._step()
+                    decode_s, sample_s = self._step()
                 self._flush()
+                # Updated together, so a reader on another thread sees a consistent split.
+                self.decode_s += decode_s
+                self.sample_s += sample_s
+                self.busy_s += time.perf_counter() - t0
         except Exception as e:  # the engine must never die silently: fail everyone, report, let health fail
             log.exception("engine thread crashed")
             self.dead = f"{type(e).__name__}: {e}"
@@ -347,21 +361,24 @@ class Engine:
                 with_logits.append(s)
         return with_logits
 
-    def _step(self) -> None:
+    def _step(self) -> tuple[float, float]:
+        """One llama_decode over every active sequence; returns the seconds spent in it and in sampling."""
         with_logits = self._build_batch()
         if self._batch.n == 0:
-            return
+            return 0.0, 0.0
+        t0 = time.perf_counter()
         rc = self.ctx.decode(self._batch.full())
+        t1 = time.perf_counter()
         if rc == 1:
             self._preempt_newest()
-            return
+            return t1 - t0, 0.0
         if rc != 0:
             # rc 2 is an abort, rc -1 a malformed batch (our bug), < -1 fatal: fail the active requests, keep going.
             log.error("llama_decode returned %d; failing %d active requests", rc, len(with_logits))
             for s in self._slots:
                 if s.busy:
                     self._finish_error(s, EngineError(f"decode failed (llama_decode returned {rc})"))
-            return
+            return t1 - t0, 0.0
         self.steps += 1
         for s in self._slots:
             if s.pending_decode:
@@ -373,9 +390,12 @@ class Engine:
                 self.tokens_prompt += s.pending_prefill
                 s.pending_prefill = 0
         greedy = self._greedy_tokens(with_logits)
-        for j, s in enumerate(with_logits):
-            tok = int(greedy[j]) if s.sampler is None else s.sampler.sample(self.ctx, s.i_batch)
+        toks = [int(greedy[j]) if s.sampler is None else s.sampler.sample(self.ctx, s.i_batch)
+                for j, s in enumerate(with_logits)]
+        t2 = time.perf_counter()
+        for s, tok in zip(with_logits, toks, strict=True):
             self._accept(s, tok)
+        return t1 - t0, t2 - t1
 
     def _greedy_tokens(self, with_logits: list[_Slot]) -> np.ndarray:
         """Argmax of every greedy row in one vectorised call over llama.cpp's output matrix (rows are the

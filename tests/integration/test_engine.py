@@ -110,7 +110,10 @@ def test_different_lengths_finish_independently_and_free_kv(loaded) -> None:
     assert order == ["n5", "n10", "n20", "n40"], fins
     assert {k: f.usage.completion_tokens for k, f in fins.items()} == {"n40": 40, "n5": 5, "n20": 20, "n10": 10}
     assert all(f.finish_reason == "length" for f in fins.values())
-    assert eng.kv_free() and eng.stats().slots_busy == 0
+    st = eng.stats()
+    assert eng.kv_free() and st.slots_busy == 0
+    # The step-time split the benchmarks report is consistent: decode and sampling are parts of the busy time.
+    assert st.decode_s > 0 and st.sample_s > 0 and st.busy_s >= st.decode_s + st.sample_s
 
 
 def test_late_joiner_finishes_first(loaded) -> None:
