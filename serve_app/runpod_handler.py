@@ -99,7 +99,7 @@ class Worker:
         self._refresh_errors = 0
 
     def attach(self, handle: DeploymentHandle, info: dict[str, Any]) -> None:
-        self.handle = handle
+        self.handle = _by_value(handle)
         self.concurrency = concurrency_target(info, 0, self.cap) or 1
 
     def ingress(self) -> DeploymentHandle:
@@ -188,7 +188,7 @@ def _by_value(ingress: DeploymentHandle) -> DeploymentHandle:
 
 
 async def _unary(ingress: DeploymentHandle, call: IngressCall, request_id: str) -> dict[str, Any]:
-    resp = _by_value(ingress).openai.remote(call.route, call.body, request_id=request_id)
+    resp = ingress.openai.remote(call.route, call.body, request_id=request_id)
     try:
         out = await resp
     except asyncio.CancelledError:  # RunPod stopped the job: awaiting alone would not stop the request
@@ -201,7 +201,7 @@ async def _unary(ingress: DeploymentHandle, call: IngressCall, request_id: str) 
 
 async def _stream(ingress: DeploymentHandle, call: IngressCall,
                   request_id: str) -> AsyncIterator[dict[str, Any] | str]:
-    gen = _by_value(ingress).options(stream=True).openai_stream.remote(call.route, call.body, request_id=request_id)
+    gen = ingress.options(stream=True).openai_stream.remote(call.route, call.body, request_id=request_id)
     finished = False
     try:
         async for item in gen:

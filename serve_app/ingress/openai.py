@@ -211,20 +211,19 @@ class OpenAIService:
             if not finished:  # the client went away: stop generating (frees the slot within one step)
                 gen.cancel()
 
-
     @staticmethod
     async def _next_event(rid: str, gen: Any) -> dict[str, Any] | None:
         """The next event, or an ``error`` event when the stream itself broke (the model's replica died
         mid-generation): the client gets an error chunk and ``[DONE]``, as from vLLM, not a cut connection."""
         try:
-            ev: dict[str, Any] | None = await anext(gen, None)
+            ev: dict[str, Any] | None = await _call(anext(gen, None))
             return ev
+        except ServeError as e:
+            err = e
         except Exception as e:
-            err = ray_failure(e)
-            if err is None:
-                log.error("stream %s failed: %s: %s", rid, type(e).__name__, e, exc_info=e)
-                err = ServeError(f"internal error (request id {rid})")
-            return {"type": "error", "error": err.to_dict()}
+            log.error("stream %s failed: %s: %s", rid, type(e).__name__, e, exc_info=e)
+            err = ServeError(f"internal error (request id {rid})")
+        return {"type": "error", "error": err.to_dict()}
 
 
 def error_body(err: ServeError) -> dict[str, Any]:

@@ -28,6 +28,18 @@ def deploy(name: str, base: str, volume: Path) -> tuple[str, dict]:
     return url, httpx.get(f"{url}/stats").json()
 
 
+def deploy_slow(base: str, name: str, tmp_path: Path) -> str:
+    """An app on a model slower than the tiny one (a local file), so a generation is really still running while a
+    test acts on it; returns its URL (not waited for)."""
+    from tests.support.gguf_factory import ModelSpec, write_gguf
+
+    path = write_gguf(tmp_path / "m.gguf", ModelSpec(n_layer=4, n_embd=256, n_head=4, n_head_kv=4, n_ff=1024))
+    args = {"model": {"filename": str(path)}, "cache_dir": str(tmp_path / "vol"), "accelerator": "cpu",
+            "engine": {"n_parallel": 2, "n_ctx_per_slot": 1024}}
+    serve.run(build_app(args), name=name, route_prefix=f"/{name}")
+    return f"{base}/{name}"
+
+
 def test_warm_start_skips_download_and_rehash(ray_session: str, hub, tmp_path: Path) -> None:
     volume = tmp_path / "volume"
     ModelStore(str(volume)).ensure(ModelRef(repo_id=TEST_REPO, filename=TEST_FILE))  # warm the cache (CLI-style)
@@ -95,14 +107,7 @@ def test_drain_refuses_new_requests_and_finishes_in_flight(ray_session: str, tmp
     generation already running completes."""
     import threading
 
-    from tests.support.gguf_factory import ModelSpec, write_gguf
-
-    # A slower model than the tiny one, so the in-flight request is really still running during the drain.
-    path = write_gguf(tmp_path / "m.gguf", ModelSpec(n_layer=4, n_embd=256, n_head=4, n_head_kv=4, n_ff=1024))
-    args = {"model": {"filename": str(path)}, "cache_dir": str(tmp_path / "vol"), "accelerator": "cpu",
-            "engine": {"n_parallel": 2, "n_ctx_per_slot": 1024}}
-    serve.run(build_app(args), name="drained", route_prefix="/drained")
-    url = f"{ray_session}/drained"
+    url = deploy_slow(ray_session, "drained", tmp_path)
     try:
         wait_ready(url)
         result: dict = {}
@@ -143,13 +148,7 @@ def test_model_replica_dying_mid_stream_gives_an_error_chunk_then_recovers(ray_s
 
     import ray
 
-    from tests.support.gguf_factory import ModelSpec, write_gguf
-
-    path = write_gguf(tmp_path / "m.gguf", ModelSpec(n_layer=4, n_embd=256, n_head=4, n_head_kv=4, n_ff=1024))
-    args = {"model": {"filename": str(path)}, "cache_dir": str(tmp_path / "vol"), "accelerator": "cpu",
-            "engine": {"n_parallel": 2, "n_ctx_per_slot": 1024}}
-    serve.run(build_app(args), name="killed", route_prefix="/killed")
-    url = f"{ray_session}/killed"
+    url = deploy_slow(ray_session, "killed", tmp_path)
     try:
         wait_ready(url)
         lines: list[str] = []
