@@ -33,8 +33,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from serve_app.config import EngineConfig  # noqa: E402
-from serve_app.engine import Delta, Finished, load_engine, open_stream  # noqa: E402
-from serve_app.schemas import SamplingParams  # noqa: E402
+from serve_app.engine import load_engine, open_stream  # noqa: E402
+from serve_app.protocol import Delta, Done, SamplingParams  # noqa: E402
 from tests.support.gguf_factory import BENCH_SPEC, write_gguf  # noqa: E402
 
 WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly brew potions".split()
@@ -85,7 +85,7 @@ class DirectEngine:
         async for ev in s.events():
             if isinstance(ev, Delta) and ev.text and not first:
                 first = time.perf_counter() - t0
-            if isinstance(ev, Finished):
+            if isinstance(ev, Done):
                 return ev.usage.completion_tokens, first
         raise RuntimeError("no result")
 

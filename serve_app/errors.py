@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from pydantic import ValidationError
+
 
 class ServeError(Exception):
     """Base of every error we raise on purpose."""
@@ -187,3 +189,20 @@ def error_from_dict(body: dict[str, Any]) -> ServeError:
     """Rebuild a typed error sent as a value across a process boundary (see ``ServeError.to_dict``)."""
     cls = ERRORS_BY_CODE.get(str(body.get("code")), ServeError)
     return cls(str(body.get("message", "internal error")), param=body.get("param"))
+
+
+def first_problem(exc: ValidationError) -> tuple[str | None, str]:
+    """The first problem pydantic found, as (dotted location or None, message): the one conversion every
+    validating caller (HTTP, RunPod, CLI, config) uses, so all of them word a bad field the same way."""
+    errs = exc.errors(include_url=False, include_input=False)
+    if not errs:
+        return None, "invalid value"
+    first = errs[0]
+    loc = ".".join(str(x) for x in first.get("loc", ())) or None
+    return loc, str(first.get("msg", "invalid value"))
+
+
+def invalid_request(exc: ValidationError, cls: type[ServeError] = InvalidRequestError) -> ServeError:
+    """A client's bad field as a typed 4xx naming the field (``param``) and the problem."""
+    loc, msg = first_problem(exc)
+    return cls(f"{loc}: {msg}" if loc else msg, param=loc)

@@ -11,7 +11,6 @@ import hashlib
 import logging
 import os
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -22,10 +21,7 @@ from serve_app.cache.reply import unwrap
 from serve_app.chat_template import ChatTemplate
 from serve_app.config import AppArgs
 from serve_app.engine import (
-    Delta,
     Engine,
-    Failed,
-    Finished,
     LlamaModelHandle,
     LoadReport,
     RequestStream,
@@ -41,17 +37,21 @@ from serve_app.errors import (
     ServeError,
 )
 from serve_app.metrics import ModelMetrics
-from serve_app.schemas import SamplingParams
+from serve_app.protocol import (
+    Delta,
+    DetokenizeCall,
+    Done,
+    ErrorEvent,
+    Event,
+    GenerateRequest,
+    Message,
+    ModelInfo,
+    Text,
+    TokenizeCall,
+    Tokens,
+)
 
 log = logging.getLogger("ray.serve")
-
-
-def _event(kind: str, **kw: Any) -> dict[str, Any]:
-    return {"type": kind, **kw}
-
-
-def _error_event(err: ServeError) -> dict[str, Any]:
-    return _event("error", error=err.to_dict(), status=err.status)
 
 
 @serve.deployment(
@@ -67,7 +67,7 @@ class LlamaModel:
         self.use_gpu = use_gpu
         self.model_id = self.args.model_name()
         self.state = "loading"
-        self.error: dict[str, Any] | None = None
+        self.reason: str | None = None  # why not ready: short and client-safe; details go to the log
         self.engine: Engine | None = None
         self.model: LlamaModelHandle | None = None
         self.template: ChatTemplate | None = None
@@ -105,10 +105,10 @@ class LlamaModel:
                 self.metrics.phase.set(v, tags={"phase": k})
             log.info("model %s ready in %.2f s (%s)", self.model_id, self.phases["ready_s"], self.phases)
         except ServeError as e:
-            self.state, self.error = "failed", e.to_dict()
+            self.state, self.reason = "failed", f"{e.code}: {e.message}"
             log.error("model %s failed to load: %s", self.model_id, e.message)
-        except Exception as e:  # anything unexpected still leaves a readable state, not a hung "loading"
-            self.state, self.error = "failed", {"message": f"{type(e).__name__}: {e}", "code": "load_failed"}
+        except Exception:  # anything unexpected still leaves a readable state, not a hung "loading"
+            self.state, self.reason = "failed", "load_failed: unexpected error (see the replica log)"
             log.exception("model %s failed to load", self.model_id)
 
     async def _cache_call(self, method: str, ref: dict[str, Any]) -> dict[str, Any]:
@@ -149,7 +149,7 @@ class LlamaModel:
         if self.engine is not None and self.engine.dead:
             raise RuntimeError(f"engine dead: {self.engine.dead}")
         if self.state == "failed":
-            raise RuntimeError(f"model failed to load: {(self.error or {}).get('message')}")
+            raise RuntimeError(f"model failed to load: {self.reason}")
 
     def __del__(self) -> None:
         # Ray calls this after draining in-flight requests (graceful_shutdown_timeout_s bounds the wait).
@@ -160,89 +160,72 @@ class LlamaModel:
 
     # ---- API used by the ingress ---------------------------------------------------------------------------
 
-    async def info(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"state": self.state, "model": self.model_id, "error": self.error,
-                               "phases": self.phases, "file": self.file}
+    async def info(self) -> ModelInfo:
+        info = ModelInfo(state=self.state, model=self.model_id, reason=self.reason, phases=self.phases,
+                         file=self.file, gpu_memory=gpu_memory() if self.use_gpu else None)
         if self.engine is not None:
             st = self.engine.stats()
-            out.update(n_ctx_seq=self.engine.n_ctx_seq, slots_total=st.slots_total, slots_busy=st.slots_busy,
-                       waiting=st.waiting, kv_cells_used=st.kv_cells_used, kv_cells_total=st.kv_cells_total,
-                       tokens_generated=st.tokens_generated, tokens_prompt=st.tokens_prompt, dead=st.dead,
-                       preemptions=st.preemptions,
-                       plan=self.report.plan if self.report else None)
-        out["gpu_memory"] = gpu_memory() if self.use_gpu else None
-        return out
+            info = info.model_copy(update=dict(
+                n_ctx_seq=self.engine.n_ctx_seq, slots_total=st.slots_total, slots_busy=st.slots_busy,
+                waiting=st.waiting, kv_cells_used=st.kv_cells_used, kv_cells_total=st.kv_cells_total,
+                tokens_generated=st.tokens_generated, tokens_prompt=st.tokens_prompt, preemptions=st.preemptions,
+                plan=self.report.plan if self.report else None))
+        return info
 
-    async def generate(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Stream events for one request: ``delta`` ... then ``done`` or ``error`` (errors are values: they cross
-        Ray without traceback wrapping)."""
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[Event]:
+        """The events of one request: ``Delta`` ... then ``Done`` or ``ErrorEvent`` (errors are values: they
+        cross Ray without traceback wrapping). With ``req.stream`` False the text comes as one ``Delta``."""
         try:
-            stream = await self._start(body)
+            stream = await self._start(req)
         except ServeError as e:
-            yield _error_event(e)
+            yield ErrorEvent(e)
             return
         try:
             async for ev in stream.events():
-                if isinstance(ev, Delta):
-                    yield _event("delta", text=ev.text, n=ev.n_tokens)
-                elif isinstance(ev, Finished):
-                    yield self._done(ev)
-                elif isinstance(ev, Failed):
-                    yield _error_event(ev.error)
+                if isinstance(ev, Done):
+                    self._observe(ev)
+                yield ev
         finally:
             stream.close()
 
-    async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
-        """Non-streaming: the whole text, or ``{"type": "error", ...}``."""
-        try:
-            stream = await self._start(body, stream=False)
-        except ServeError as e:
-            return _error_event(e)
+    async def complete(self, req: GenerateRequest) -> Done | ErrorEvent:
+        """Non-streaming: ``Done`` with the whole ``text``, or ``ErrorEvent``."""
         parts: list[str] = []
-        try:
-            async for ev in stream.events():
-                if isinstance(ev, Delta):
-                    parts.append(ev.text)
-                elif isinstance(ev, Finished):
-                    return {**self._done(ev), "text": "".join(parts)}
-                elif isinstance(ev, Failed):
-                    return _error_event(ev.error)
-        finally:
-            stream.close()
-        return _error_event(ServeError("generation ended without a result"))
-
-    async def tokenize(self, body: dict[str, Any]) -> dict[str, Any]:
-        try:
-            model = self._ready_model()
-            if body.get("messages") is not None:
-                tokens = self._prompt_tokens(body)
+        async for ev in self.generate(req.model_copy(update={"stream": False})):
+            if isinstance(ev, Delta):
+                parts.append(ev.text)
+            elif isinstance(ev, Done):
+                ev.text = "".join(parts)
+                return ev
             else:
-                tokens = model.tokenize(str(body.get("text", "")), bool(body.get("add_special", True)), True)
-            return {"tokens": tokens}
-        except ServeError as e:
-            return _error_event(e)
+                return ev
+        return ErrorEvent(ServeError("generation ended without a result"))
 
-    async def detokenize(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def tokenize(self, call: TokenizeCall) -> Tokens | ErrorEvent:
         try:
             model = self._ready_model()
-            tokens = [int(t) for t in body.get("tokens", [])]
-            if any(not model.valid_token(t) for t in tokens):
-                raise InvalidRequestError("token ids must be within the vocabulary", param="tokens")
-            return {"content": model.detokenize(tokens, special=True)}
+            if call.messages is not None:
+                tokens = self._chat_tokens(call.messages)
+            else:
+                tokens = model.tokenize(call.text or "", call.add_special, True)
+            return Tokens(tokens=tuple(tokens))
         except ServeError as e:
-            return _error_event(e)
+            return ErrorEvent(e)
+
+    async def detokenize(self, call: DetokenizeCall) -> Text | ErrorEvent:
+        try:
+            model = self._ready_model()
+            if any(not model.valid_token(t) for t in call.tokens):
+                raise InvalidRequestError("token ids must be within the vocabulary", param="tokens")
+            return Text(content=model.detokenize(list(call.tokens), special=True))
+        except ServeError as e:
+            return ErrorEvent(e)
 
     # ---- internals -----------------------------------------------------------------------------------------
 
-    def _done(self, ev: Finished) -> dict[str, Any]:
-        done = _event("done", finish_reason=ev.finish_reason, usage=ev.usage.model_dump(),
-                      timings=ev.timings.model_dump())
-        self._observe(done)
-        return done
-
-    def _observe(self, done: dict[str, Any]) -> None:
-        self.metrics.observe_finish(done["finish_reason"], done["usage"], done["timings"])
-        if not self._first_token_logged and done["usage"]["completion_tokens"]:
+    def _observe(self, done: Done) -> None:
+        self.metrics.observe_finish(done)
+        if not self._first_token_logged and done.usage.completion_tokens:
             # Cold start ends with the first token served, not with the weights loaded (seed process 6).
             self._first_token_logged = True
             self.phases["first_token_s"] = time.perf_counter() - self._t0
@@ -273,27 +256,28 @@ class LlamaModel:
             raise NotReadyError(f"the model is {self.state}; retry shortly")
         return self.model
 
-    def _prompt_tokens(self, body: dict[str, Any]) -> list[int]:
+    def _chat_tokens(self, messages: tuple[Message, ...]) -> list[int]:
         model = self._ready_model()
-        if body.get("messages") is not None:
-            assert self.template is not None
-            text = self.template.render(body["messages"], add_generation_prompt=True)
-            # Templates usually write the BOS text themselves; adding another would double it.
-            bos_text = self.template.bos_token
-            add_special = model.add_bos and not (bos_text and text.startswith(bos_text))
-            return model.tokenize(text, add_special=add_special, parse_special=True)
-        prompt = body.get("prompt")
-        if isinstance(prompt, list):
-            return [int(t) for t in prompt]
-        return model.tokenize(str(prompt or ""), add_special=True, parse_special=False)
+        assert self.template is not None
+        text = self.template.render([m.model_dump() for m in messages], add_generation_prompt=True)
+        # Templates usually write the BOS text themselves; adding another would double it.
+        bos_text = self.template.bos_token
+        add_special = model.add_bos and not (bos_text and text.startswith(bos_text))
+        return model.tokenize(text, add_special=add_special, parse_special=True)
 
-    async def _start(self, body: dict[str, Any], stream: bool = True) -> RequestStream:
+    def _prompt_tokens(self, req: GenerateRequest) -> list[int]:
+        if req.messages is not None:
+            return self._chat_tokens(req.messages)
+        if isinstance(req.prompt, tuple):
+            return list(req.prompt)
+        return self._ready_model().tokenize(req.prompt or "", add_special=True, parse_special=False)
+
+    async def _start(self, req: GenerateRequest) -> RequestStream:
         if self.state != "ready" or self.engine is None:
             raise NotReadyError(f"the model is {self.state}; retry shortly")
-        params = SamplingParams.model_validate(body.get("params") or {})
-        tokens = self._prompt_tokens(body)
+        tokens = self._prompt_tokens(req)
         self.engine.check_prompt(len(tokens))
-        rs = RequestStream(str(body.get("request_id") or uuid.uuid4().hex), tokens, params, stream=stream)
+        rs = RequestStream(req.label, tokens, req.params, stream=req.stream)
         if self._batch_admission:
             err = await self._admit(rs)
             if err is not None:

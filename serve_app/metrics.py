@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from ray.serve.metrics import Counter, Gauge, Histogram
 
+from serve_app.protocol import Done
+
 _MS_BUCKETS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000]
 _TOKS_BUCKETS = [1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000]
 
@@ -48,15 +50,16 @@ class ModelMetrics:
         self.phase = Gauge("gguf_cold_start_phase_seconds", description="Cold-start phases of this replica.",
                            tag_keys=("phase",))
 
-    def observe_finish(self, reason: str, usage: dict[str, int], timings: dict[str, float]) -> None:
-        self.ttft.observe(max(timings["ttft_ms"], 0.0))
-        self.e2e.observe(timings["ttft_ms"] + timings["decode_ms"])
-        if timings["decode_tokens_per_s"] > 0:
-            self.decode_rate.observe(timings["decode_tokens_per_s"])
-        self.prompt_tokens.inc(usage["prompt_tokens"])
-        if usage["completion_tokens"]:
-            self.generated_tokens.inc(usage["completion_tokens"])
-        self.finished.inc(tags={"reason": reason})
+    def observe_finish(self, done: Done) -> None:
+        t, u = done.timings, done.usage
+        self.ttft.observe(max(t.ttft_ms, 0.0))
+        self.e2e.observe(t.ttft_ms + t.decode_ms)
+        if t.decode_tokens_per_s > 0:
+            self.decode_rate.observe(t.decode_tokens_per_s)
+        self.prompt_tokens.inc(u.prompt_tokens)
+        if u.completion_tokens:
+            self.generated_tokens.inc(u.completion_tokens)
+        self.finished.inc(tags={"reason": done.finish_reason})
 
 
 class CacheMetrics:

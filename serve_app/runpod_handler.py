@@ -358,7 +358,7 @@ def wait_until_ready(app_name: str, timeout_s: float) -> tuple[DeploymentHandle,
             log.info("model %s ready (%s slots)", info.get("model"), info.get("slots_total"))
             return handle, info
         if state == "failed":
-            msg = (info.get("error") or {}).get("message") or "no reason given"
+            msg = info.get("reason") or "no reason given"
             raise StartupError(f"model '{info.get('model')}' failed to load: {one_line(msg)}")
         last = f"model {info.get('model')} is {state}"
         time.sleep(0.5)

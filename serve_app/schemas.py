@@ -12,33 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-
-class SamplingParams(BaseModel):
-    """Per-request generation settings, as the engine understands them."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    max_tokens: int = Field(default=512, ge=1)
-    temperature: float = Field(default=0.8, ge=0.0, le=5.0)
-    top_p: float = Field(default=0.95, gt=0.0, le=1.0)
-    top_k: int = Field(default=40, ge=0)
-    min_p: float = Field(default=0.05, ge=0.0, le=1.0)
-    repeat_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
-    repeat_last_n: int = Field(default=64, ge=0)
-    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    ignore_eos: bool = False
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-    @property
-    def penalised(self) -> bool:
-        return self.repeat_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
-
+from serve_app.protocol import SamplingParams
 
 # ---- OpenAI requests --------------------------------------------------------------------------------------------
 
@@ -164,37 +138,6 @@ class TokenizeRequest(_OpenAIModel):
 
 class DetokenizeRequest(_OpenAIModel):
     tokens: list[int]
-
-
-# ---- engine results (cross the Ray boundary as dicts) -----------------------------------------------------------
-
-
-class Timings(BaseModel):
-    """Per-request timings, in the spirit of llama-server's ``timings``."""
-
-    queue_ms: float = 0.0
-    prompt_ms: float = 0.0
-    ttft_ms: float = 0.0
-    decode_ms: float = 0.0
-    decode_tokens_per_s: float = 0.0
-    prompt_n: int = 0
-    predicted_n: int = 0
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-FinishReason = Literal["stop", "length"]
-
-
-class GenerationResult(BaseModel):
-    text: str
-    finish_reason: FinishReason
-    usage: Usage
-    timings: Timings
 
 
 # ---- OpenAI responses -------------------------------------------------------------------------------------------

@@ -1,11 +1,11 @@
 """The batching engine over llama-cpp-python: the only package that imports ``llama_cpp``."""
 
 from .aio import RequestStream, open_stream
-from .core import Delta, Engine, EngineRequest, EngineStats, Event, Failed, Finished
+from .core import Engine, EngineRequest, EngineStats
 from .llama import LlamaModelHandle, gpu_offload_supported
 from .loader import LoadReport, device_name, gpu_memory, load_engine
 
 __all__ = [
-    "Delta", "Engine", "EngineRequest", "EngineStats", "Event", "Failed", "Finished", "LlamaModelHandle",
+    "Engine", "EngineRequest", "EngineStats", "LlamaModelHandle",
     "LoadReport", "RequestStream", "device_name", "gpu_memory", "gpu_offload_supported", "load_engine", "open_stream",
 ]

@@ -6,9 +6,9 @@ import asyncio
 import weakref
 from collections.abc import AsyncIterator
 
-from serve_app.schemas import SamplingParams
+from serve_app.protocol import Delta, Done, ErrorEvent, Event, SamplingParams
 
-from .core import Delta, Engine, EngineRequest, Event, Failed, Finished
+from .core import Engine, EngineRequest
 
 
 class _LoopSink:
@@ -80,7 +80,7 @@ class RequestStream:
                         n += nxt.n_tokens
                     yield Delta("".join(text), n)
                     continue
-                self.done = isinstance(ev, Finished | Failed)
+                self.done = isinstance(ev, Done | ErrorEvent)
                 yield ev
                 if self.done:
                     return

@@ -20,34 +20,13 @@ from typing import Any
 import numpy as np
 
 from serve_app.errors import ContextOverflowError, EngineDeadError, EngineError, QueueFullError, ServeError
-from serve_app.schemas import FinishReason, SamplingParams, Timings, Usage
+from serve_app.protocol import Delta, Done, ErrorEvent, Event, FinishReason, SamplingParams, Timings, Usage
 
 from .batch import NpBatch
 from .llama import LlamaContextHandle, LlamaModelHandle, SamplerChain
 from .text import StopMatcher, Utf8Stream
 
 log = logging.getLogger("serve_app.engine")
-
-
-@dataclass
-class Delta:
-    text: str
-    n_tokens: int
-
-
-@dataclass
-class Finished:
-    finish_reason: FinishReason
-    usage: Usage
-    timings: Timings
-
-
-@dataclass
-class Failed:
-    error: ServeError
-
-
-Event = Delta | Finished | Failed
 
 
 @dataclass
@@ -73,7 +52,7 @@ class EngineRequest:
     prompt: list[int]
     params: SamplingParams
     emit: Callable[[Event], None]  # called on the engine thread; must be cheap and must not raise
-    stream: bool = True  # False: the text arrives in one Delta just before Finished (no per-token wakeups)
+    stream: bool = True  # False: the text arrives in one Delta just before Done (no per-token wakeups)
     flush: Callable[[], None] | None = None  # called once after each engine step that emitted for this request
     arrival: float = field(default_factory=time.perf_counter)
     resume: _Resume | None = None  # set while a preempted request waits to be re-admitted
@@ -481,17 +460,17 @@ class Engine:
         )
         usage = Usage(prompt_tokens=n_prompt, completion_tokens=s.generated, total_tokens=n_prompt + s.generated)
         self._release(s)
-        self._emit(req, Finished(reason, usage, timings))
+        self._emit(req, Done(reason, usage, timings))
 
     def _finish_error(self, s: _Slot, err: ServeError) -> None:
         req = s.req
         self._release(s)
         if req is not None:
-            self._emit(req, Failed(err))
+            self._emit(req, ErrorEvent(err))
 
     def _fail_waiting(self, r: EngineRequest, err: ServeError) -> None:
         self._done_pending()
-        self._emit(r, Failed(err))
+        self._emit(r, ErrorEvent(err))
 
     def _release(self, s: _Slot) -> None:
         self._reset_slot(s)

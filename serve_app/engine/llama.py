@@ -18,7 +18,7 @@ import numpy as np
 
 from serve_app.config import EngineConfig
 from serve_app.errors import ModelLoadError, OutOfMemoryError
-from serve_app.schemas import SamplingParams
+from serve_app.protocol import SamplingParams
 
 log = logging.getLogger("serve_app.engine")
 

@@ -154,19 +154,19 @@ def build_asgi_app(service: OpenAIService, *, api_keys: list[str], max_body_byte
         try:
             info = await service.info()
         except ServeError as e:  # LlamaModel has no live replica right now (restarting after a crash)
-            return JSONResponse({"status": "unavailable", "error": e.message}, status_code=503,
+            return JSONResponse({"status": "unavailable", "reason": e.message}, status_code=503,
                                 headers={"Retry-After": "2"})
-        state = info["state"]
-        body: dict[str, Any] = {"status": state, "model": info["model"]}
+        state = info.state
+        body: dict[str, Any] = {"status": state, "model": info.model}
         if state == "failed":
-            body["error"] = (info.get("error") or {}).get("message")
+            body["reason"] = info.reason
         if state == "ready" and is_shutting_down():
             body["status"] = "shutting_down"
         return JSONResponse(body, status_code=200 if body["status"] == "ready" else 503,
                             headers={} if state == "ready" else {"Retry-After": "2"})
 
     async def stats(request: Request, rid: str) -> Response:
-        return JSONResponse(await service.info())
+        return JSONResponse((await service.info()).model_dump())
 
     table: list[tuple[str, Callable[[Request, str], Awaitable[Response]], str]] = [
         ("/v1/chat/completions", chat, "POST"),

@@ -47,16 +47,16 @@ class Ingress:
         self.draining = True
         deadline = asyncio.get_running_loop().time() + timeout_s
         info = await self.service.info()
-        while (info.get("slots_busy") or info.get("waiting")) and asyncio.get_running_loop().time() < deadline:
+        while (info.slots_busy or info.waiting) and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.1)
             info = await self.service.info()
-        return {"drained": not (info.get("slots_busy") or info.get("waiting")), "slots_busy": info.get("slots_busy"),
-                "waiting": info.get("waiting")}
+        return {"drained": not (info.slots_busy or info.waiting), "slots_busy": info.slots_busy,
+                "waiting": info.waiting}
 
     # ---- handle API (RunPod worker) -------------------------------------------------------------------------
 
     async def ready(self) -> dict[str, Any]:
-        return await self.service.info()
+        return (await self.service.info()).model_dump()
 
     async def openai(self, route: str, body: dict[str, Any] | None, request_id: str | None = None) -> dict[str, Any]:
         """One OpenAI call, non-streaming; errors come back as ``{"error": {...}}`` values."""

@@ -11,16 +11,22 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable
-from typing import Any, Protocol
+from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from serve_app.errors import (
-    InvalidRequestError,
-    ModelNotFoundError,
-    NotReadyError,
-    ServeError,
-    error_from_dict,
+from serve_app.errors import InvalidRequestError, ModelNotFoundError, NotReadyError, ServeError
+from serve_app.protocol import (
+    Delta,
+    DetokenizeCall,
+    Done,
+    ErrorEvent,
+    Event,
+    GenerateRequest,
+    Message,
+    ModelInfo,
+    TokenizeCall,
+    raise_if_error,
 )
 from serve_app.ray_errors import ray_failure
 from serve_app.schemas import (
@@ -37,12 +43,6 @@ log = logging.getLogger("ray.serve")
 
 DONE = "data: [DONE]\n\n"
 INFO_TIMEOUT_S = 3.0
-
-
-class ModelHandle(Protocol):
-    """The subset of a DeploymentHandle to LlamaModel that we use (lets tests inject a plain object)."""
-
-    def options(self, **kw: Any) -> Any: ...
 
 
 def sse(obj: dict[str, Any]) -> str:
@@ -62,11 +62,6 @@ def parse(model_cls: type[BaseModel], body: Any) -> Any:
     if unknown:
         log.info("ignoring unsupported request fields: %s", ", ".join(unknown))
     return req
-
-
-def _raise_if_error(ev: dict[str, Any]) -> None:
-    if ev.get("type") == "error":
-        raise error_from_dict(ev["error"])
 
 
 async def _call(awaitable: Awaitable[Any]) -> Any:
@@ -89,11 +84,12 @@ class OpenAIService:
 
     # ---- small routes --------------------------------------------------------------------------------------
 
-    async def info(self) -> dict[str, Any]:
+    async def info(self) -> ModelInfo:
         # While LlamaModel has no live replica (restarting after a crash) a handle call waits for one; a readiness
         # probe must get its 503 quickly instead.
         try:
-            return await asyncio.wait_for(_call(self.model.info.remote()), INFO_TIMEOUT_S)
+            info: ModelInfo = await asyncio.wait_for(_call(self.model.info.remote()), INFO_TIMEOUT_S)
+            return info
         except TimeoutError:
             raise NotReadyError(f"the model server did not answer within {INFO_TIMEOUT_S:.0f} s (restarting?)") \
                 from None
@@ -103,75 +99,67 @@ class OpenAIService:
 
     async def tokenize(self, body: Any) -> dict[str, Any]:
         req: TokenizeRequest = parse(TokenizeRequest, body)
-        payload: dict[str, Any] = {"add_special": req.add_special}
         if req.messages is not None:
-            payload["messages"] = [{"role": m.role, "content": m.text()} for m in req.messages]
+            call = TokenizeCall(messages=_messages(req.messages), add_special=req.add_special)
         else:
-            payload["text"] = req.content if req.content is not None else req.prompt
-        out = await _call(self.model.tokenize.remote(payload))
-        _raise_if_error(out)
-        return out
+            call = TokenizeCall(text=req.content if req.content is not None else req.prompt,
+                                add_special=req.add_special)
+        return raise_if_error(await _call(self.model.tokenize.remote(call))).model_dump()
 
     async def detokenize(self, body: Any) -> dict[str, Any]:
         req: DetokenizeRequest = parse(DetokenizeRequest, body)
-        out = await _call(self.model.detokenize.remote({"tokens": req.tokens}))
-        _raise_if_error(out)
-        return out
+        call = DetokenizeCall(tokens=tuple(req.tokens))
+        return raise_if_error(await _call(self.model.detokenize.remote(call))).model_dump()
 
     # ---- generation ----------------------------------------------------------------------------------------
 
     async def chat(self, body: Any, request_id: str | None = None) -> dict[str, Any] | AsyncIterator[str]:
         req: ChatCompletionRequest = parse(ChatCompletionRequest, body)
         self._check_model(req.model)
-        payload = {
-            "request_id": request_id or new_id("chatcmpl"),
-            "messages": [{"role": m.role, "content": m.text()} for m in req.messages],
-            "params": req.to_sampling_params(self.default_max_tokens).model_dump(),
-        }
-        return await self._run(payload, chat=True, stream=req.stream, include_usage=req.include_usage)
+        gen = GenerateRequest(label=request_id or new_id("chatcmpl"), messages=_messages(req.messages),
+                              params=req.to_sampling_params(self.default_max_tokens), stream=req.stream)
+        return await self._run(gen, chat=True, include_usage=req.include_usage)
 
     async def completions(self, body: Any, request_id: str | None = None) -> dict[str, Any] | AsyncIterator[str]:
         req: CompletionRequest = parse(CompletionRequest, body)
         self._check_model(req.model)
-        payload = {
-            "request_id": request_id or new_id("cmpl"),
-            "prompt": req.prompt_value(),
-            "params": req.to_sampling_params(self.default_max_tokens).model_dump(),
-        }
-        return await self._run(payload, chat=False, stream=req.stream, include_usage=req.include_usage)
+        prompt = req.prompt_value()
+        gen = GenerateRequest(label=request_id or new_id("cmpl"),
+                              prompt=tuple(prompt) if isinstance(prompt, list) else prompt,
+                              params=req.to_sampling_params(self.default_max_tokens), stream=req.stream)
+        return await self._run(gen, chat=False, include_usage=req.include_usage)
 
     def _check_model(self, model: str | None) -> None:
         if model and model != self.model_id:
             raise ModelNotFoundError(f"model '{model}' is not served here; available: '{self.model_id}'",
                                      param="model")
 
-    async def _run(self, payload: dict[str, Any], *, chat: bool, stream: bool,
-                   include_usage: bool) -> dict[str, Any] | AsyncIterator[str]:
-        rid = payload["request_id"]
-        if not stream:
-            out = await _call(self.model.complete.remote(payload))
-            _raise_if_error(out)
-            return self._full_response(rid, out, chat)
-        gen = self.model.options(stream=True).generate.remote(payload)
+    async def _run(self, req: GenerateRequest, *, chat: bool, include_usage: bool) -> dict[str, Any] | AsyncIterator[str]:
+        if not req.stream:
+            done: Done = raise_if_error(await _call(self.model.complete.remote(req)))
+            return self._full_response(req.label, done, chat)
+        gen = self.model.options(stream=True).generate.remote(req)
         try:
-            first = await _call(gen.__anext__())
+            first: Event = await _call(gen.__anext__())
         except StopAsyncIteration:
             raise NotReadyError("the model closed the stream before it started") from None
-        if first.get("type") == "error":
+        if isinstance(first, ErrorEvent):
             gen.cancel()
-            raise error_from_dict(first["error"])
-        return self._sse(rid, first, gen, chat, include_usage)
+            raise first.error
+        return self._sse(req.label, first, gen, chat, include_usage)
 
-    def _full_response(self, rid: str, out: dict[str, Any], chat: bool) -> dict[str, Any]:
+    def _full_response(self, rid: str, done: Done, chat: bool) -> dict[str, Any]:
+        text = done.text or ""
         if chat:
-            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": out["text"]},
-                                      "logprobs": None, "finish_reason": out["finish_reason"]}
+            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
+                                      "logprobs": None, "finish_reason": done.finish_reason}
         else:
-            choice = {"index": 0, "text": out["text"], "logprobs": None, "finish_reason": out["finish_reason"]}
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": done.finish_reason}
         return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": now(),
-                "model": self.model_id, "choices": [choice], "usage": out["usage"], "timings": out["timings"]}
+                "model": self.model_id, "choices": [choice], "usage": done.usage.model_dump(),
+                "timings": done.timings.model_dump()}
 
-    async def _sse(self, rid: str, first: dict[str, Any], gen: Any, chat: bool,
+    async def _sse(self, rid: str, first: Event, gen: Any, chat: bool,
                    include_usage: bool) -> AsyncIterator[str]:
         created = now()
         obj = "chat.completion.chunk" if chat else "text_completion"
@@ -190,19 +178,19 @@ class OpenAIService:
                 head = chunk(None, None)
                 head["choices"][0]["delta"] = {"role": "assistant", "content": ""}
                 yield sse(head)
-            ev: dict[str, Any] | None = first
+            ev: Event | None = first
             while ev is not None:
-                kind = ev.get("type")
-                if kind == "delta" and ev["text"]:
-                    yield sse(chunk(ev["text"], None))
-                elif kind == "done":
-                    yield sse(chunk(None, ev["finish_reason"], timings=ev["timings"]))
+                if isinstance(ev, Delta):
+                    if ev.text:
+                        yield sse(chunk(ev.text, None))
+                elif isinstance(ev, Done):
+                    yield sse(chunk(None, ev.finish_reason, timings=ev.timings.model_dump()))
                     if include_usage:
                         yield sse({"id": rid, "object": obj, "created": created, "model": self.model_id,
-                                   "choices": [], "usage": ev["usage"]})
+                                   "choices": [], "usage": ev.usage.model_dump()})
                     break
-                elif kind == "error":
-                    yield sse({"error": ev["error"]})
+                else:
+                    yield sse(error_body(ev.error))
                     break
                 ev = await self._next_event(rid, gen)
             finished = True
@@ -212,18 +200,21 @@ class OpenAIService:
                 gen.cancel()
 
     @staticmethod
-    async def _next_event(rid: str, gen: Any) -> dict[str, Any] | None:
-        """The next event, or an ``error`` event when the stream itself broke (the model's replica died
+    async def _next_event(rid: str, gen: Any) -> Event | None:
+        """The next event, or an ``ErrorEvent`` when the stream itself broke (the model's replica died
         mid-generation): the client gets an error chunk and ``[DONE]``, as from vLLM, not a cut connection."""
         try:
-            ev: dict[str, Any] | None = await _call(anext(gen, None))
+            ev: Event | None = await _call(anext(gen, None))
             return ev
         except ServeError as e:
-            err = e
+            return ErrorEvent(e)
         except Exception as e:
             log.error("stream %s failed: %s: %s", rid, type(e).__name__, e, exc_info=e)
-            err = ServeError(f"internal error (request id {rid})")
-        return {"type": "error", "error": err.to_dict()}
+            return ErrorEvent(ServeError(f"internal error (request id {rid})"))
+
+
+def _messages(messages: list[Any]) -> tuple[Message, ...]:
+    return tuple(Message(role=m.role, content=m.text()) for m in messages)
 
 
 def error_body(err: ServeError) -> dict[str, Any]:

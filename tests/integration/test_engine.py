@@ -14,18 +14,9 @@ from pathlib import Path
 import pytest
 
 from serve_app.config import EngineConfig
-from serve_app.engine import (
-    Delta,
-    Engine,
-    EngineRequest,
-    Failed,
-    Finished,
-    LlamaModelHandle,
-    load_engine,
-    open_stream,
-)
+from serve_app.engine import Engine, EngineRequest, LlamaModelHandle, load_engine, open_stream
 from serve_app.errors import ContextOverflowError, OutOfMemoryError, QueueFullError
-from serve_app.schemas import SamplingParams
+from serve_app.protocol import Delta, Done, ErrorEvent, SamplingParams
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -43,7 +34,7 @@ def greedy(n: int, **kw) -> SamplingParams:
 
 
 async def run(eng: Engine, model: LlamaModelHandle, prompt: str, params: SamplingParams,
-              rid: str = "") -> tuple[str, Finished | Failed, list[str]]:
+              rid: str = "") -> tuple[str, Done | ErrorEvent, list[str]]:
     s = open_stream(eng, rid or prompt, model.tokenize(prompt, True, False), params)
     deltas: list[str] = []
     async for ev in s.events():
@@ -70,20 +61,20 @@ def test_concurrent_greedy_equals_solo(loaded) -> None:
     # F16 on CPU: a 1-token step takes a different matmul kernel than a batched one (~1e-3 logit noise), so
     # exactness is only expected away from near-ties; with this peaky model every run so far matched 6/6.
     assert same >= len(PROMPTS) - 1, [(a[0], b[0]) for a, b in zip(together, alone, strict=True)]
-    assert all(isinstance(t[1], Finished) and t[1].usage.completion_tokens == 24 for t in together)
+    assert all(isinstance(t[1], Done) and t[1].usage.completion_tokens == 24 for t in together)
 
 
 def finish_order(eng: Engine, model: LlamaModelHandle, jobs: list[tuple[str, int, int]],
-                 stagger: bool = False) -> tuple[list[str], dict[str, Finished]]:
+                 stagger: bool = False) -> tuple[list[str], dict[str, Done]]:
     """Submit (name, prompt index, max_tokens) jobs and record the order in which the ENGINE finishes them (the
     asyncio side may observe completions in a different order when it lags behind the decode thread)."""
     order: list[str] = []
-    fins: dict[str, Finished] = {}
+    fins: dict[str, Done] = {}
     done = threading.Event()
 
     def emitter(name: str):
         def emit(ev) -> None:
-            if isinstance(ev, Finished | Failed):
+            if isinstance(ev, Done | ErrorEvent):
                 order.append(name)
                 fins[name] = ev
                 if len(order) == len(jobs):
@@ -157,7 +148,7 @@ def test_stop_string_across_token_boundary(loaded) -> None:
         assert len(text) > 12
         stop = text[6:12]
         text2, fin2, deltas = await run(eng, model, PROMPTS[3], greedy(40, stop=(stop,)))
-        assert isinstance(fin2, Finished) and fin2.finish_reason == "stop"
+        assert isinstance(fin2, Done) and fin2.finish_reason == "stop"
         assert text2 == text[: text.index(stop)]
         assert stop not in "".join(deltas)
         assert pieces  # the reference text really was several tokens
@@ -178,7 +169,7 @@ def test_limits_fail_before_work(loaded) -> None:
         prompt = model.tokenize(PROMPTS[0], True, False)
         s = open_stream(eng, "room", prompt * ((eng.n_ctx_seq - 8) // len(prompt)), greedy(10_000))
         fin = [ev async for ev in s.events()][-1]
-        assert isinstance(fin, Finished) and fin.finish_reason == "length"
+        assert isinstance(fin, Done) and fin.finish_reason == "length"
         assert fin.usage.total_tokens <= eng.n_ctx_seq
 
     asyncio.run(main())
@@ -253,8 +244,8 @@ def test_shutdown_fails_open_streams_instead_of_hanging(tiny_model: Path) -> Non
         return [[ev async for ev in s.events()][-1] for s in (running, queued)]
 
     finals = asyncio.run(asyncio.wait_for(main(), 30))
-    assert all(isinstance(f, Failed | Finished) for f in finals)
-    assert any(isinstance(f, Failed) and f.error.code == "engine_dead" for f in finals)
+    assert all(isinstance(f, ErrorEvent | Done) for f in finals)
+    assert any(isinstance(f, ErrorEvent) and f.error.code == "engine_dead" for f in finals)
 
 
 def test_full_unified_kv_pauses_the_newest_request_and_resumes_it_without_repeating(tiny_model: Path) -> None:
@@ -278,7 +269,7 @@ def test_full_unified_kv_pauses_the_newest_request_and_resumes_it_without_repeat
         st = eng.stats()
         assert st.preemptions >= 1
         for i, (_, fin, _) in enumerate(both):
-            assert isinstance(fin, Finished), fin
+            assert isinstance(fin, Done), fin
             assert fin.finish_reason == "length" and fin.usage.completion_tokens == n
             assert fin.usage.prompt_tokens == len(model.tokenize(PROMPTS[i], True, False))  # not the re-prefill
         # The resumed request's stream is its solo text: re-prefilled, not regenerated (same F16 caveat as above:

@@ -1,0 +1,176 @@
+"""The token path between the Ingress and LlamaModel, typed and defined once.
+
+``GenerateRequest`` goes in; a stream of ``Delta`` ... then exactly one ``Done`` or ``ErrorEvent`` comes out (the
+engine emits these same events, so nothing converts them on the way). Every other LlamaModel call answers with its
+result model or an ``ErrorEvent``: errors cross Ray as values, never as wrapped tracebacks, and each transport
+(HTTP JSON, SSE chunk, RunPod output) has one translator for ``ErrorEvent.error``.
+
+The request's ``label`` is the client's id (``X-Request-Id``, RunPod job id): it names the request in logs and
+responses and is never used as a key. pydantic + stdlib + our error tree only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from serve_app.errors import ServeError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SamplingParams(_Strict):
+    """Per-request generation settings, as the engine understands them."""
+
+    max_tokens: int = Field(default=512, ge=1)
+    temperature: float = Field(default=0.8, ge=0.0, le=5.0)
+    top_p: float = Field(default=0.95, gt=0.0, le=1.0)
+    top_k: int = Field(default=40, ge=0)
+    min_p: float = Field(default=0.05, ge=0.0, le=1.0)
+    repeat_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
+    repeat_last_n: int = Field(default=64, ge=0)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def penalised(self) -> bool:
+        return self.repeat_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+class Message(_Strict):
+    """One chat message as the template sees it (content already flattened to text)."""
+
+    role: str
+    content: str
+
+
+class GenerateRequest(_Strict):
+    """One generation: chat ``messages`` (rendered with the model's template) or a raw ``prompt``."""
+
+    label: str = Field(description="The client's request id: for logs and responses only, never a key.")
+    messages: tuple[Message, ...] | None = None
+    prompt: str | tuple[int, ...] | None = None
+    params: SamplingParams = Field(default_factory=SamplingParams)
+    stream: bool = True
+
+    @model_validator(mode="after")
+    def _one_input(self) -> GenerateRequest:
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("give exactly one of 'messages' or 'prompt'")
+        return self
+
+
+class TokenizeCall(_Strict):
+    text: str | None = None
+    messages: tuple[Message, ...] | None = None
+    add_special: bool = True
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeCall:
+        if (self.messages is None) == (self.text is None):
+            raise ValueError("give exactly one of 'text' or 'messages'")
+        return self
+
+
+class Tokens(_Strict):
+    tokens: tuple[int, ...]
+
+
+class DetokenizeCall(_Strict):
+    tokens: tuple[int, ...]
+
+
+class Text(_Strict):
+    content: str
+
+
+# ---- results --------------------------------------------------------------------------------------------------
+
+
+class Timings(BaseModel):
+    """Per-request timings, in the spirit of llama-server's ``timings``."""
+
+    queue_ms: float = 0.0
+    prompt_ms: float = 0.0
+    ttft_ms: float = 0.0
+    decode_ms: float = 0.0
+    decode_tokens_per_s: float = 0.0
+    prompt_n: int = 0
+    predicted_n: int = 0
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+FinishReason = Literal["stop", "length"]
+
+# Events are plain dataclasses, not pydantic models: the engine makes one per token per sequence on its hot path.
+
+
+@dataclass(slots=True)
+class Delta:
+    text: str
+    n_tokens: int
+
+
+@dataclass(slots=True)
+class Done:
+    finish_reason: FinishReason
+    usage: Usage
+    timings: Timings
+    text: str | None = None  # the whole text, on non-streamed results only
+
+
+@dataclass(slots=True)
+class ErrorEvent:
+    error: ServeError  # pickles with its type, message and param (``ServeError.__reduce__``)
+
+
+Event = Delta | Done | ErrorEvent
+
+ModelState = Literal["loading", "ready", "failed"]
+
+
+class ModelInfo(BaseModel):
+    """LlamaModel's state and load: ``/ready`` shows ``state`` and ``reason``; ``/stats`` shows all of it."""
+
+    state: ModelState
+    model: str
+    reason: str | None = Field(default=None, description="Why the model is not ready: short, no paths.")
+    phases: dict[str, float] = Field(default_factory=dict)
+    n_ctx_seq: int | None = None
+    slots_total: int = 0
+    slots_busy: int = 0
+    waiting: int = 0
+    kv_cells_used: int = 0
+    kv_cells_total: int = 0
+    tokens_generated: int = 0
+    tokens_prompt: int = 0
+    preemptions: int = 0
+    plan: dict[str, Any] | None = None
+    file: dict[str, Any] | None = None
+    gpu_memory: dict[str, int] | None = None
+
+
+T = TypeVar("T")
+
+
+def raise_if_error(result: T | ErrorEvent) -> T:
+    """The one unwrapper for a LlamaModel answer: its value, or its error raised here."""
+    if isinstance(result, ErrorEvent):
+        raise result.error
+    return result

@@ -1,0 +1,38 @@
+"""The one route table: every HTTP path the Ingress serves, which are OpenAI generation routes (and so also
+RunPod ``openai_route`` values), their response id prefix, and which stay open without an API key."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    path: str
+    method: Literal["GET", "POST"]
+    name: str  # the service method that answers it
+    id_prefix: str | None = None  # OpenAI response id prefix (chatcmpl-..., cmpl-...) for generation routes
+    open: bool = False  # answered without an API key (probes)
+    openai: bool = False  # reachable as a RunPod ``openai_route``
+
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+MODELS = "/v1/models"
+
+ROUTES: tuple[Route, ...] = (
+    Route(CHAT, "POST", "chat", id_prefix="chatcmpl", openai=True),
+    Route(COMPLETIONS, "POST", "completions", id_prefix="cmpl", openai=True),
+    Route(MODELS, "GET", "models", openai=True),
+    Route("/tokenize", "POST", "tokenize"),
+    Route("/detokenize", "POST", "detokenize"),
+    Route("/health", "GET", "health", open=True),
+    Route("/v1/health", "GET", "health", open=True),
+    Route("/ready", "GET", "ready", open=True),
+    Route("/stats", "GET", "stats"),
+)
+
+BY_PATH: dict[str, Route] = {r.path: r for r in ROUTES}
+OPEN_PATHS: frozenset[str] = frozenset({r.path for r in ROUTES if r.open} | {"/"})
+OPENAI_ROUTES: tuple[str, ...] = tuple(r.path for r in ROUTES if r.openai)

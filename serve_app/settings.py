@@ -1,0 +1,73 @@
+"""The one place the process environment is read, typed.
+
+Our own variables share one prefix, ``GGUF_SERVE_``. The Hugging Face variables (``HF_ENDPOINT``, ``HF_TOKEN``,
+``HF_HUB_OFFLINE``) and ``RAY_ADDRESS`` keep the names their own libraries and platforms document, so a user's
+existing environment works unchanged. ``Settings()`` reads the environment when it is built: build one where the
+value is needed rather than caching it at import, so a process (or a test) that changes its environment is heard.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_HF_ENDPOINT = "https://huggingface.co"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GGUF_SERVE_", extra="ignore", frozen=True)
+
+    # ---- ours (GGUF_SERVE_*) ----
+    api_keys: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(), description="Comma-separated bearer keys, added to server.api_keys.")
+    low_latency: bool = Field(
+        default=True, description="0 turns off by-value handle calls from the RunPod worker to the Ingress.")
+    app_name: str = Field(default="llm", description="The Serve application the RunPod worker calls.")
+    config: str = Field(default="serve_config.yaml", description="Serve config the RunPod worker deploys.")
+    runpod_max_concurrency: int | None = Field(default=None, ge=1, description="Cap on jobs per worker.")
+    runpod_ready_timeout_s: float = Field(default=3600.0, gt=0, description="How long the worker waits for ready.")
+    runpod_max_input_bytes: int = Field(default=4 * 1024 * 1024, ge=1024,
+                                        description="Largest RunPod job input (its JSON), refused before any work.")
+
+    # ---- other libraries' and platforms' own names ----
+    hf_endpoint: str | None = Field(default=None, validation_alias="HF_ENDPOINT")
+    hf_token: SecretStr | None = Field(default=None, validation_alias="HF_TOKEN")
+    hf_offline: bool = Field(default=False, validation_alias=AliasChoices("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    ray_address: str | None = Field(default=None, validation_alias="RAY_ADDRESS")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split(cls, v: object) -> object:
+        if isinstance(v, str):
+            return tuple(k.strip() for k in v.split(",") if k.strip())
+        return v
+
+    @field_validator("hf_endpoint", "ray_address", mode="before")
+    @classmethod
+    def _blank_is_default(cls, v: object) -> object:
+        if isinstance(v, str) and not v.strip():
+            return None
+        return v
+
+    def endpoint(self) -> str:
+        return (self.hf_endpoint or DEFAULT_HF_ENDPOINT).rstrip("/")
+
+    def address(self) -> str:
+        return self.ray_address or "auto"
+
+    @field_validator("hf_token", mode="before")
+    @classmethod
+    def _blank_token(cls, v: object) -> object:
+        return None if isinstance(v, str) and not v.strip() else v
+
+    @field_validator("hf_offline", mode="before")
+    @classmethod
+    def _truthy(cls, v: object) -> object:
+        if isinstance(v, str):
+            return v.strip().lower() in {"1", "on", "yes", "true"}
+        return v
+
+    def token(self) -> str | None:
+        return self.hf_token.get_secret_value() if self.hf_token is not None else None
