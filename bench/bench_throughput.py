@@ -51,7 +51,7 @@ def prompts(n: int, salt: int = 0) -> list[str]:
 
 def engine_cfg(max_conc: int, threads: int) -> EngineConfig:
     return EngineConfig(n_parallel=max_conc, n_ctx_per_slot=512, n_batch=512, n_ubatch=512, prefill_chunk=256,
-                        flash_attn=FLASH, n_threads=threads, max_queue=64)
+                        flash_attn=FLASH, n_threads=threads, max_queued_requests=64)
 
 
 class Baseline:

@@ -8,9 +8,10 @@ public contract.
 from __future__ import annotations
 
 import os
-from typing import Literal
+import warnings
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Strict(BaseModel):
@@ -80,7 +81,11 @@ class EngineConfig(_Strict):
                     "faster per decode step at long contexts.",
     )
     n_threads: int | None = Field(default=None, ge=1, description="CPU threads; default: all cores.")
-    max_queue: int = Field(default=256, ge=0, description="Waiting requests beyond the slots; more gets 429.")
+    max_queued_requests: int = Field(
+        default=256, ge=0, validation_alias=AliasChoices("max_queued_requests", "max_queue"),
+        description="Waiting requests beyond the slots; more gets 429 with Retry-After. 'max_queue' is the "
+                    "deprecated name of this field and still loads.",
+    )
     use_extra_bufts: bool | None = Field(
         default=None,
         description="llama.cpp extra buffer types (CPU repacking). None = off on CPU (AMX crash, llama.cpp#20824).",
@@ -91,6 +96,19 @@ class EngineConfig(_Strict):
         "llama.cpp does not fail an oversized context, the kernel kills the process, so we check first.",
     )
     max_tokens_default: int = Field(default=512, ge=1, description="max_tokens when a request gives none.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _deprecated_names(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "max_queue" in data:
+            warnings.warn("engine.max_queue is deprecated; use engine.max_queued_requests", DeprecationWarning,
+                          stacklevel=2)
+        return data
+
+    @property
+    def max_queue(self) -> int:
+        """Deprecated name of ``max_queued_requests``, for code written against it."""
+        return self.max_queued_requests
 
 
 class BatchingConfig(_Strict):

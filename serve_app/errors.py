@@ -173,6 +173,15 @@ class EngineDeadError(EngineError):
     retryable = True
 
 
+class KVCacheFullError(EngineError):
+    """The KV cache has no room for a request even with nothing else running: a retry may land on a replica or a
+    moment with room, or the request can be made shorter."""
+
+    code = "kv_cache_full"
+    status = 503
+    retryable = True
+
+
 ERRORS_BY_CODE: dict[str, type[ServeError]] = {}
 
 

@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     hf_offline: bool = Field(default=False, validation_alias=AliasChoices("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
     ray_address: str | None = Field(default=None, validation_alias="RAY_ADDRESS")
 
+    # ---- engine: the GPU CUDA shows this process (CUDA's own name) ----
+    cuda_visible_devices: str | None = Field(default=None, validation_alias="CUDA_VISIBLE_DEVICES")
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split(cls, v: object) -> object:

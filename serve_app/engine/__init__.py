@@ -1,11 +1,41 @@
-"""The batching engine over llama-cpp-python: the only package that imports ``llama_cpp``."""
+"""The batching engine over llama-cpp-python: the only package that imports ``llama_cpp``.
 
-from .aio import RequestStream, open_stream
-from .core import Engine, EngineRequest, EngineStats
-from .llama import LlamaModelHandle, gpu_offload_supported
-from .loader import LoadReport, device_name, gpu_memory, load_engine
+Names are resolved on first use, and ``llama_cpp`` itself is imported only when a model or an engine is created,
+so importing this package (for its types) stays cheap for processes that never run a model.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .aio import RequestStream, open_stream
+    from .device import device_name, gpu_memory
+    from .generation import EngineRequest
+    from .llama import LlamaModelHandle, gpu_offload_supported
+    from .loader import LoadReport, load_engine
+    from .scheduler import Engine, EngineStats
+
+_EXPORTS = {
+    "RequestStream": "aio", "open_stream": "aio",
+    "device_name": "device", "gpu_memory": "device",
+    "EngineRequest": "generation",
+    "LlamaModelHandle": "llama", "gpu_offload_supported": "llama",
+    "LoadReport": "loader", "load_engine": "loader",
+    "Engine": "scheduler", "EngineStats": "scheduler",
+}
 
 __all__ = [
-    "Engine", "EngineRequest", "EngineStats", "LlamaModelHandle",
-    "LoadReport", "RequestStream", "device_name", "gpu_memory", "gpu_offload_supported", "load_engine", "open_stream",
+    "Engine", "EngineRequest", "EngineStats", "LlamaModelHandle", "LoadReport", "RequestStream", "device_name",
+    "gpu_memory", "gpu_offload_supported", "load_engine", "open_stream",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value

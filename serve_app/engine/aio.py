@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 import weakref
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from serve_app.protocol import Delta, Done, ErrorEvent, Event, SamplingParams
 
-from .core import Engine, EngineRequest
+from .generation import EngineRequest
+
+if TYPE_CHECKING:
+    from .scheduler import Engine
 
 
 class _LoopSink:
@@ -48,25 +52,31 @@ def _sink_for(loop: asyncio.AbstractEventLoop) -> _LoopSink:
 
 
 class RequestStream:
-    """Events of one request. Closing it before the end cancels the request (its slot frees within one step).
+    """Events of one request. Closing it before the end cancels the request (its slot frees within one step), also
+    when it is closed before ``bind``: the cancel is then sent at ``bind``.
 
     Deltas that pile up while the consumer is busy are merged, so a slow consumer (a Ray stream, an HTTP client)
     gets fewer, larger chunks instead of falling behind.
     """
 
-    def __init__(self, request_id: str, prompt: list[int], params: SamplingParams, stream: bool = True) -> None:
+    def __init__(self, label: str, prompt: list[int], params: SamplingParams, stream: bool = True) -> None:
         self._sink = _sink_for(asyncio.get_running_loop())
         self._q: asyncio.Queue[Event] = asyncio.Queue()
-        self.request = EngineRequest(id=request_id, prompt=prompt, params=params, emit=self._emit, stream=stream,
+        self.request = EngineRequest(label=label, prompt=prompt, params=params, emit=self._emit, stream=stream,
                                      flush=self._sink.flush_once)
         self.done = False
+        self._closed = False
         self._engine: Engine | None = None
 
     def _emit(self, ev: Event) -> None:
         self._sink.put(self._q, ev)
 
     def bind(self, engine: Engine) -> None:
+        """Attach the engine the request was submitted to (the one ``close`` cancels it on)."""
         self._engine = engine
+        if self._closed and not self.done:
+            self.done = True
+            engine.cancel(self.request.key)
 
     async def events(self) -> AsyncIterator[Event]:
         try:
@@ -88,15 +98,16 @@ class RequestStream:
             self.close()
 
     def close(self) -> None:
+        self._closed = True
         if not self.done and self._engine is not None:
             self.done = True
-            self._engine.cancel(self.request.id)
+            self._engine.cancel(self.request.key)
 
 
-def open_stream(engine: Engine, request_id: str, prompt: list[int], params: SamplingParams,
+def open_stream(engine: Engine, label: str, prompt: list[int], params: SamplingParams,
                 stream: bool = True) -> RequestStream:
     """Submit one request and return its stream (raises typed errors before any work)."""
-    stream_ = RequestStream(request_id, prompt, params, stream)
+    stream_ = RequestStream(label, prompt, params, stream)
     engine.submit([stream_.request])
     stream_.bind(engine)
     return stream_

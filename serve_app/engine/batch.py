@@ -4,14 +4,17 @@ per field per token (measured: that is most of the Python time in a naive loop).
 from __future__ import annotations
 
 import ctypes
+from typing import Any
 
-import llama_cpp as L
 import numpy as np
 from numpy.typing import NDArray
+
+from .llama import lib
 
 
 class NpBatch:
     def __init__(self, capacity: int) -> None:
+        L = lib()
         self.capacity = capacity
         self.token = np.zeros(capacity, np.int32)
         self.pos = np.zeros(capacity, np.int32)
@@ -58,19 +61,7 @@ class NpBatch:
         self.n = i + 1
         return i
 
-    def view(self, start: int, count: int) -> L.llama_batch:
-        """A batch struct over ``[start, start+count)`` (for retrying a smaller slice)."""
-        p_int = ctypes.POINTER(ctypes.c_int32)
-        b = L.llama_batch()
-        b.n_tokens = count
-        b.token = ctypes.cast(self.token.ctypes.data + 4 * start, p_int)
-        b.embd = ctypes.POINTER(ctypes.c_float)()
-        b.pos = ctypes.cast(self.pos.ctypes.data + 4 * start, p_int)
-        b.n_seq_id = ctypes.cast(self.n_seq_id.ctypes.data + 4 * start, p_int)
-        b.seq_id = ctypes.cast(ctypes.addressof(self._ptrs) + ctypes.sizeof(p_int) * start, ctypes.POINTER(p_int))
-        b.logits = ctypes.cast(self.logits.ctypes.data + start, ctypes.POINTER(ctypes.c_int8))
-        return b
-
-    def full(self) -> L.llama_batch:
+    def full(self) -> Any:
+        """The ``llama_batch`` over everything added since ``clear``."""
         self.batch.n_tokens = self.n
         return self.batch

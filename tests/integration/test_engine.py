@@ -23,7 +23,7 @@ pytestmark = pytest.mark.timeout(120)
 
 @pytest.fixture(scope="module")
 def loaded(tiny_model: Path):
-    eng, model, _ = load_engine(str(tiny_model), EngineConfig(n_parallel=4, n_ctx_per_slot=256, max_queue=4,
+    eng, model, _ = load_engine(str(tiny_model), EngineConfig(n_parallel=4, n_ctx_per_slot=256, max_queued_requests=4,
                                                               prefill_chunk=32), want_gpu=False)
     yield eng, model
     eng.shutdown()
@@ -234,7 +234,7 @@ def test_seeded_sampling_is_reproducible_and_mixes_with_greedy(loaded) -> None:
 
 
 def test_shutdown_fails_open_streams_instead_of_hanging(tiny_model: Path) -> None:
-    eng, model, _ = load_engine(str(tiny_model), EngineConfig(n_parallel=1, n_ctx_per_slot=256, max_queue=2),
+    eng, model, _ = load_engine(str(tiny_model), EngineConfig(n_parallel=1, n_ctx_per_slot=256, max_queued_requests=2),
                                 want_gpu=False)
 
     async def main() -> list:
@@ -253,7 +253,7 @@ def test_full_unified_kv_pauses_the_newest_request_and_resumes_it_without_repeat
     paused with its progress kept, the other finishes, then it resumes by prefilling its prompt and output so far:
     nothing it already streamed comes again, and both get their full length."""
     eng, model, _ = load_engine(str(tiny_model), EngineConfig(n_parallel=2, n_ctx_per_slot=64, kv_unified=True,
-                                                              prefill_chunk=32, max_queue=2), want_gpu=False)
+                                                              prefill_chunk=32, max_queued_requests=2), want_gpu=False)
     try:
         total = eng.ctx.n_ctx
         assert eng.n_ctx_seq == total  # unified: one request may use the whole pool

@@ -1,0 +1,123 @@
+"""One request's generation: its tokens, sampler, text and timings, from admission to its final event.
+
+The object outlives the KV cells it runs in: a request paused for KV room keeps its ``Generation`` and resumes by
+prefilling ``tokens()`` (its prompt and the output so far), so nothing it already streamed comes again.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from serve_app.protocol import Delta, Done, Event, FinishReason, SamplingParams, Timings, Usage
+
+from .text import StopMatcher, Utf8Stream
+
+if TYPE_CHECKING:
+    from .llama import LlamaContextHandle, LlamaModelHandle, SamplerChain
+
+
+@dataclass
+class EngineRequest:
+    """What a caller submits. ``label`` is the client's id, for logs only: the engine keys on ``key``, which
+    ``Engine.submit`` assigns (two requests may share a label)."""
+
+    label: str
+    prompt: list[int]
+    params: SamplingParams
+    emit: Callable[[Event], None]  # called on the engine thread; must be cheap and must not raise
+    stream: bool = True  # False: the text arrives in one Delta just before Done (no per-token wakeups)
+    flush: Callable[[], None] | None = None  # called once after each engine step that emitted for this request
+    arrival: float = field(default_factory=time.perf_counter)
+    key: int = -1
+
+
+class Generation:
+    """The state of one admitted request. Created on the engine thread at its first admission."""
+
+    def __init__(self, req: EngineRequest, model: LlamaModelHandle, n_ctx_seq: int) -> None:
+        from .llama import SamplerChain
+
+        p = req.params
+        self.req = req
+        self.model = model
+        self.out_tokens: list[int] = []
+        self.budget = min(p.max_tokens, n_ctx_seq - len(req.prompt))  # max new tokens, capped by the room left
+        seed = p.seed if p.seed is not None else int.from_bytes(np.random.bytes(4), "little")
+        self.sampler: SamplerChain | None = None if (p.greedy and not p.penalised) else SamplerChain(model, p, seed)
+        self.utf8 = Utf8Stream()
+        self.stops = StopMatcher(p.stop)
+        self.text: list[str] = []  # the output so far, kept only when not streaming
+        self.stopped_on_string = False
+        self.t_admit = time.perf_counter()
+        self.t_first = 0.0
+
+    @property
+    def generated(self) -> int:
+        return len(self.out_tokens)
+
+    def tokens(self) -> np.ndarray:
+        """What to prefill: the prompt, plus the output so far when resuming after a pause."""
+        return np.asarray(self.req.prompt + self.out_tokens, dtype=np.int32)
+
+    def sample(self, ctx: LlamaContextHandle, i_batch: int) -> int:
+        assert self.sampler is not None
+        return self.sampler.sample(ctx, i_batch)
+
+    def accept(self, tok: int, now: float) -> tuple[Delta | None, FinishReason | None]:
+        """Take one sampled token: the text to stream (if any) and the finish reason once it is over."""
+        if not self.t_first:
+            self.t_first = now
+        if self.model.is_eog(tok) and not self.req.params.ignore_eos:
+            return None, "stop"
+        self.out_tokens.append(tok)
+        text, stopped = self.stops.push(self.utf8.push(self.model.piece(tok)))
+        delta = None
+        if not self.req.stream:
+            self.text.append(text)
+        elif text or not stopped:
+            delta = Delta(text, 1)
+        if stopped:
+            self.stopped_on_string = True
+            return delta, "stop"
+        return delta, "length" if self.generated >= self.budget else None
+
+    def final_events(self, reason: FinishReason) -> list[Event]:
+        """The held-back text (unless a stop string ended it), the whole text when not streaming, and Done."""
+        out: list[Event] = []
+        if not self.stopped_on_string:
+            tail, _ = self.stops.push(self.utf8.flush())
+            tail += self.stops.flush()
+            if tail and self.req.stream:
+                out.append(Delta(tail, 0))
+            elif tail:
+                self.text.append(tail)
+        if not self.req.stream:
+            out.append(Delta("".join(self.text), self.generated))
+        out.append(Done(reason, self._usage(), self._timings()))
+        return out
+
+    def _usage(self) -> Usage:
+        n_prompt = len(self.req.prompt)
+        return Usage(prompt_tokens=n_prompt, completion_tokens=self.generated, total_tokens=n_prompt + self.generated)
+
+    def _timings(self) -> Timings:
+        end = time.perf_counter()
+        first = self.t_first or end
+        decode_s = end - first
+        n = self.generated
+        return Timings(
+            queue_ms=(self.t_admit - self.req.arrival) * 1e3, prompt_ms=(first - self.t_admit) * 1e3,
+            ttft_ms=(first - self.req.arrival) * 1e3, decode_ms=decode_s * 1e3,
+            decode_tokens_per_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
+            prompt_n=len(self.req.prompt), predicted_n=n,
+        )
+
+    def close(self) -> None:
+        if self.sampler is not None:
+            self.sampler.close()
+            self.sampler = None
