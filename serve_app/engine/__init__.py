@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from .aio import RequestStream, open_stream
     from .device import device_name, gpu_memory
     from .generation import EngineRequest
-    from .llama import LlamaModelHandle, gpu_offload_supported
+    from .llama import LlamaModelHandle
     from .loader import LoadReport, load_engine
     from .scheduler import Engine, EngineStats
 
@@ -21,14 +21,14 @@ _EXPORTS = {
     "RequestStream": "aio", "open_stream": "aio",
     "device_name": "device", "gpu_memory": "device",
     "EngineRequest": "generation",
-    "LlamaModelHandle": "llama", "gpu_offload_supported": "llama",
+    "LlamaModelHandle": "llama",
     "LoadReport": "loader", "load_engine": "loader",
     "Engine": "scheduler", "EngineStats": "scheduler",
 }
 
 __all__ = [
     "Engine", "EngineRequest", "EngineStats", "LlamaModelHandle", "LoadReport", "RequestStream", "device_name",
-    "gpu_memory", "gpu_offload_supported", "load_engine", "open_stream",
+    "gpu_memory", "load_engine", "open_stream",
 ]
 
 

@@ -12,15 +12,14 @@ import ctypes
 import logging
 import os
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import numpy as np
 
 from serve_app.errors import ModelLoadError, OutOfMemoryError
 from serve_app.protocol import SamplingParams
 
 from .plan import GGML_TYPES, ContextPlan
-
-if TYPE_CHECKING:
-    import numpy as np
 
 log = logging.getLogger("serve_app.engine")
 
@@ -91,6 +90,7 @@ class LlamaModelHandle:
         if not self.ptr:
             raise ModelLoadError(f"llama.cpp could not load the model file {os.path.basename(path)}")
         self.vocab = L.llama_model_get_vocab(self.ptr)
+        self._to_piece, self._is_eog = L.llama_token_to_piece, L.llama_vocab_is_eog  # per token: skip the lookups
         self.n_vocab = int(L.llama_vocab_n_tokens(self.vocab))
         self.bos = int(L.llama_vocab_bos(self.vocab))
         self.eos = int(L.llama_vocab_eos(self.vocab))
@@ -163,12 +163,11 @@ class LlamaModelHandle:
         return list(buf[:n])
 
     def piece(self, token: int, special: bool = False) -> bytes:
-        L = lib()
         buf = ctypes.create_string_buffer(64)
-        n = L.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        n = self._to_piece(self.vocab, token, buf, len(buf), 0, special)
         if n < 0:
             buf = ctypes.create_string_buffer(-n)
-            n = L.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+            n = self._to_piece(self.vocab, token, buf, len(buf), 0, special)
         return buf.raw[:n]
 
     def detokenize(self, tokens: list[int], special: bool = False) -> str:
@@ -178,7 +177,7 @@ class LlamaModelHandle:
         return self.piece(token, special=True).decode("utf-8", "replace") if token >= 0 else ""
 
     def is_eog(self, token: int) -> bool:
-        return bool(lib().llama_vocab_is_eog(self.vocab, token))
+        return bool(self._is_eog(self.vocab, token))
 
     def valid_token(self, token: int) -> bool:
         return 0 <= token < self.n_vocab
@@ -212,6 +211,7 @@ class LlamaContextHandle:
         self.model = model
         model._acquire()
         self.mem = L.llama_get_memory(self.ptr)
+        self._decode, self._get_logits = L.llama_decode, L.llama_get_logits  # per step: skip the lookups
         self.n_seq_max = int(L.llama_n_seq_max(self.ptr))
         self.n_ctx = int(L.llama_n_ctx(self.ptr))
         self.n_ctx_seq = int(L.llama_n_ctx_seq(self.ptr))
@@ -224,13 +224,11 @@ class LlamaContextHandle:
             self.model._release()
 
     def decode(self, batch: Any) -> int:
-        return int(lib().llama_decode(self.ptr, batch))
+        return int(self._decode(self.ptr, batch))
 
     def all_logits(self, n_outputs: int, n_vocab: int) -> np.ndarray:
         """Zero-copy (n_outputs, n_vocab) view of the last decode's logits; valid until the next decode."""
-        import numpy as np
-
-        return np.ctypeslib.as_array(lib().llama_get_logits(self.ptr), shape=(n_outputs, n_vocab))
+        return np.ctypeslib.as_array(self._get_logits(self.ptr), shape=(n_outputs, n_vocab))
 
     def free_seq(self, seq: int) -> None:
         if self.ptr:
@@ -248,6 +246,7 @@ class SamplerChain:
     def __init__(self, model: LlamaModelHandle, p: SamplingParams, seed: int) -> None:
         L = lib()
         self.ptr = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+        self._sample = L.llama_sampler_sample
         add = lambda s: L.llama_sampler_chain_add(self.ptr, s)  # noqa: E731
         if p.greedy:
             if p.penalised:
@@ -267,7 +266,7 @@ class SamplerChain:
         add(L.llama_sampler_init_dist(seed & 0xFFFFFFFF))
 
     def sample(self, ctx: LlamaContextHandle, i_batch: int) -> int:
-        return int(lib().llama_sampler_sample(self.ptr, ctx.ptr, i_batch))
+        return int(self._sample(self.ptr, ctx.ptr, i_batch))
 
     def close(self) -> None:
         if self.ptr:

@@ -41,8 +41,6 @@ class LoadReport:
     tried: list[dict[str, Any]] = field(default_factory=list)
     load_s: float = 0.0
     from_profile: bool = False
-    n_ctx_seq: int = 0
-    n_slots: int = 0
 
 
 def _header(path: str) -> tuple[int, int]:
@@ -149,6 +147,4 @@ def load_engine(path: str, cfg: EngineConfig, *, want_gpu: bool, profile_path: s
     engine = Engine(ladder.model, ctx, prefill_chunk=cfg.prefill_chunk, max_queued_requests=cfg.max_queued_requests)
     report.plan = plan.describe()
     report.load_s = time.perf_counter() - t0
-    report.n_ctx_seq = ctx.n_ctx_seq
-    report.n_slots = ctx.n_seq_max
     return engine, ladder.model, report

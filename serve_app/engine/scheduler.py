@@ -20,8 +20,6 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import numpy as np
-
 from serve_app.errors import (
     ContextOverflowError,
     EngineDeadError,
@@ -35,31 +33,10 @@ from serve_app.protocol import ErrorEvent, Event, FinishReason
 from .batch import NpBatch
 from .generation import EngineRequest, Generation
 from .llama import LlamaContextHandle, LlamaModelHandle
+from .step import Slot, advance_positions, build_batch, greedy_tokens
 
 log = logging.getLogger("serve_app.engine")
 T = TypeVar("T")
-
-
-@dataclass
-class _Slot:
-    """One sequence of the context: the generation running in it and how far its KV has got."""
-
-    seq: int
-    gen: Generation | None = None
-    prompt: np.ndarray | None = None  # what is prefilled: the prompt (+ the output so far, on resume)
-    n_prefilled: int = 0
-    n_past: int = 0
-    i_batch: int = -1
-    pending_prefill: int = 0
-    pending_decode: bool = False
-
-    @property
-    def busy(self) -> bool:
-        return self.gen is not None
-
-    @property
-    def generating(self) -> bool:
-        return self.gen is not None and self.prompt is not None and self.n_prefilled >= len(self.prompt)
 
 
 @dataclass
@@ -91,7 +68,7 @@ class Engine:
         room = ctx.n_batch - self.n_slots  # the decode tokens of every slot come first in a step
         self.prefill_chunk = max(1, min(prefill_chunk, room)) if room > 0 else 1
         self.max_pending = self.n_slots + max_queued_requests
-        self._slots = [_Slot(seq=i) for i in range(self.n_slots)]
+        self._slots = [Slot(seq=i) for i in range(self.n_slots)]
         self._batch = NpBatch(ctx.n_batch)
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._waiting: deque[EngineRequest] = deque()
@@ -318,38 +295,9 @@ class Engine:
 
     # ---- engine thread: one step -------------------------------------------------------------------------------
 
-    def _build_batch(self) -> list[_Slot]:
-        """Every generating slot's next token, then prompt chunks in admission order; returns the slots whose
-        logits this step produces, in batch order."""
-        b = self._batch
-        b.clear()
-        with_logits: list[_Slot] = []
-        for s in self._slots:
-            if s.generating:
-                assert s.gen is not None
-                s.i_batch = b.add_one(s.gen.out_tokens[-1], s.n_past, s.seq)
-                s.pending_decode = True
-                with_logits.append(s)
-        budget = min(self.prefill_chunk, b.room)
-        prefilling = sorted((s for s in self._slots if s.busy and not s.generating),
-                            key=lambda s: s.gen.t_admit if s.gen else 0.0)
-        for s in prefilling:
-            if budget <= 0:
-                break
-            assert s.prompt is not None
-            take = min(budget, len(s.prompt) - s.n_prefilled)
-            last = s.n_prefilled + take == len(s.prompt)
-            i = b.add(s.prompt[s.n_prefilled:s.n_prefilled + take], s.n_prefilled, s.seq, last)
-            s.pending_prefill = take
-            budget -= take
-            if last:
-                s.i_batch = i
-                with_logits.append(s)
-        return with_logits
-
     def _step(self) -> tuple[float, float]:
         """One llama_decode over every active sequence; returns the seconds spent in it and in sampling."""
-        with_logits = self._build_batch()
+        with_logits = build_batch(self._batch, self._slots, self.prefill_chunk)
         if self._batch.n == 0:
             return 0.0, 0.0
         t0 = time.perf_counter()
@@ -366,8 +314,8 @@ class Engine:
                     self._finish_error(s, EngineError(f"decode failed (llama_decode returned {rc})"))
             return t1 - t0, 0.0
         self.steps += 1
-        self._advance_positions()
-        greedy = self._greedy_tokens(with_logits)
+        self.tokens_prompt += advance_positions(self._slots)
+        greedy = greedy_tokens(self.ctx, self.model.n_vocab, with_logits)
         toks = [s.gen.sample(self.ctx, s.i_batch) if s.gen and s.gen.sampler else int(greedy[j])
                 for j, s in enumerate(with_logits)]
         t2 = time.perf_counter()
@@ -375,29 +323,7 @@ class Engine:
             self._accept(s, tok, t2)
         return t1 - t0, t2 - t1
 
-    def _advance_positions(self) -> None:
-        for s in self._slots:
-            if s.pending_decode:
-                s.n_past += 1
-                s.pending_decode = False
-            if s.pending_prefill:
-                s.n_prefilled += s.pending_prefill
-                s.n_past += s.pending_prefill
-                self.tokens_prompt += s.pending_prefill
-                s.pending_prefill = 0
-
-    def _greedy_tokens(self, with_logits: list[_Slot]) -> np.ndarray:
-        """Argmax of every greedy row in one vectorised call over llama.cpp's output matrix (rows are the
-        logits-requesting tokens in batch order, which is ``with_logits``' order), so per-sequence host work does
-        not grow with the batch: on a GPU it would otherwise rival the decode itself."""
-        rows = [j for j, s in enumerate(with_logits) if s.gen is not None and s.gen.sampler is None]
-        out = np.zeros(len(with_logits), dtype=np.int64)
-        if rows:
-            mat = self.ctx.all_logits(len(with_logits), self.model.n_vocab)
-            out[rows] = np.argmax(mat[rows], axis=1)
-        return out
-
-    def _accept(self, s: _Slot, tok: int, now: float) -> None:
+    def _accept(self, s: Slot, tok: int, now: float) -> None:
         gen = s.gen
         assert gen is not None
         before = gen.generated
@@ -435,7 +361,7 @@ class Engine:
 
     # ---- engine thread: endings --------------------------------------------------------------------------------
 
-    def _finish(self, s: _Slot, reason: FinishReason) -> None:
+    def _finish(self, s: Slot, reason: FinishReason) -> None:
         gen = s.gen
         assert gen is not None
         events = gen.final_events(reason)
@@ -443,7 +369,7 @@ class Engine:
         for ev in events:
             self._emit(gen.req, ev)
 
-    def _finish_error(self, s: _Slot, err: ServeError) -> None:
+    def _finish_error(self, s: Slot, err: ServeError) -> None:
         gen = s.gen
         self._release(s)
         if gen is not None:
@@ -453,7 +379,7 @@ class Engine:
         self._done_pending()
         self._emit(r, ErrorEvent(err))
 
-    def _release(self, s: _Slot) -> None:
+    def _release(self, s: Slot) -> None:
         if s.gen is not None:
             s.gen.close()
             s.gen = None
@@ -461,7 +387,7 @@ class Engine:
         self._done_pending()
         self._kv_full = False  # its cells are free again
 
-    def _reset_slot(self, s: _Slot) -> None:
+    def _reset_slot(self, s: Slot) -> None:
         self.ctx.free_seq(s.seq)
         s.prompt = None
         s.n_prefilled = s.n_past = s.pending_prefill = 0
