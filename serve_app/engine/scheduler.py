@@ -33,7 +33,7 @@ from serve_app.protocol import ErrorEvent, Event, FinishReason
 from .batch import NpBatch
 from .generation import EngineRequest, Generation
 from .llama import LlamaContextHandle, LlamaModelHandle
-from .step import Slot, advance_positions, build_batch, greedy_tokens
+from .step import Slot, admitted, advance_positions, build_batch, greedy_tokens
 
 log = logging.getLogger("serve_app.engine")
 T = TypeVar("T")
@@ -106,19 +106,19 @@ class Engine:
     def submit(self, reqs: list[EngineRequest]) -> None:
         """Queue requests and give each its key; all of them are admitted in the same step when slots allow (their
         prompts then prefill in one batch). Raises before any work: dead engine, bad prompt, full queue."""
-        if self.dead:
-            raise EngineDeadError(f"the engine stopped: {self.dead}")
         for r in reqs:
             self.check_prompt(len(r.prompt))
             if any(not self.model.valid_token(t) for t in r.prompt):
                 raise ContextOverflowError("the prompt contains token ids outside the vocabulary", param="prompt")
-        with self._lock:
+        with self._lock:  # the dying engine thread marks itself dead under this lock, then fails what is queued
+            if self.dead:
+                raise EngineDeadError(f"the engine stopped: {self.dead}")
             if self._pending + len(reqs) > self.max_pending:
                 raise QueueFullError(f"all {self.n_slots} slots are busy and the queue is full; retry later")
             self._pending += len(reqs)
             for r in reqs:
                 r.key = next(self._keys)
-        self._inbox.put(("submit", reqs))
+            self._inbox.put(("submit", reqs))
 
     def cancel(self, key: int) -> None:
         """Drop the request ``submit`` gave this key, wherever it is; a finished one is ignored."""
@@ -189,7 +189,8 @@ class Engine:
             log.exception("engine thread crashed")
             self.dead = f"{type(e).__name__}: {e}"
         finally:
-            self.dead = self.dead or "shut down"
+            with self._lock:
+                self.dead = self.dead or "shut down"
             self._fail_all(EngineDeadError(f"the engine stopped: {self.dead}"))
             if self._stop:
                 self._free_native()
@@ -203,7 +204,7 @@ class Engine:
             for s in self._slots:
                 if s.busy:
                     self._finish_error(s, err)
-            self._drain_inbox(block=False)
+            self._drain_inbox(block=False, faults=False)
             while self._paused:
                 gen = self._paused.popleft()
                 gen.close()
@@ -234,7 +235,7 @@ class Engine:
             for f in flushes.values():
                 f()
 
-    def _drain_inbox(self, block: bool) -> None:
+    def _drain_inbox(self, block: bool, faults: bool = True) -> None:
         try:
             item = self._inbox.get() if block else self._inbox.get_nowait()
         except queue.Empty:
@@ -251,7 +252,7 @@ class Engine:
                     fut.set_result(fn())
                 except Exception as e:
                     fut.set_exception(e)
-            elif kind == "fault":
+            elif kind == "fault" and faults:
                 raise payload
             try:
                 item = self._inbox.get_nowait()
@@ -287,11 +288,20 @@ class Engine:
                 return
             if s.busy:
                 continue
-            gen = self._paused.popleft() if self._paused else Generation(self._waiting.popleft(), self.model,
-                                                                         self.n_ctx_seq)
+            gen = self._paused.popleft() if self._paused else self._start(self._waiting.popleft())
+            if gen is None:
+                continue
             s.gen = gen
             s.prompt = gen.tokens()
             s.n_prefilled = s.n_past = 0
+
+    def _start(self, req: EngineRequest) -> Generation | None:
+        try:
+            return Generation(req, self.model, self.n_ctx_seq)
+        except Exception as e:  # e.g. llama.cpp refused the sampler chain: this request fails, the engine goes on
+            log.exception("could not start request %s", req.label)
+            self._fail_waiting(req, EngineError(f"could not start generation ({type(e).__name__})"))
+            return None
 
     # ---- engine thread: one step -------------------------------------------------------------------------------
 
@@ -338,10 +348,9 @@ class Engine:
         """No KV room for this batch (only with a unified KV; llama.cpp restored its memory state): pause the most
         recently admitted request, its KV freed and its generation kept, so the others can go on; nothing is
         admitted until one of them finishes. A lone request cannot be helped: it fails with a retryable error."""
-        busy = sorted((s for s in self._slots if s.busy), key=lambda s: s.gen.t_admit if s.gen else 0.0)
+        busy = sorted((s for s in self._slots if s.busy), key=admitted)
         for s in busy:
-            s.pending_prefill = 0
-            s.pending_decode = False
+            s.pending_prefill, s.pending_decode = 0, False
         if len(busy) <= 1:
             if busy:
                 self._finish_error(busy[0], KVCacheFullError(
@@ -353,8 +362,7 @@ class Engine:
         assert gen is not None
         log.warning("KV cache full: pausing request %s after %d tokens (%d active)", gen.req.label, gen.generated,
                     len(busy))
-        victim.gen = None  # the generation (and its sampler) now waits in _paused
-        self._reset_slot(victim)
+        self._reset_slot(victim)  # the generation (and its sampler) now waits in _paused
         self._paused.appendleft(gen)
         self._kv_full = True
         self.preemptions += 1
@@ -382,17 +390,13 @@ class Engine:
     def _release(self, s: Slot) -> None:
         if s.gen is not None:
             s.gen.close()
-            s.gen = None
         self._reset_slot(s)
         self._done_pending()
         self._kv_full = False  # its cells are free again
 
     def _reset_slot(self, s: Slot) -> None:
         self.ctx.free_seq(s.seq)
-        s.prompt = None
-        s.n_prefilled = s.n_past = s.pending_prefill = 0
-        s.pending_decode = False
-        s.i_batch = -1
+        s.reset()
 
     def _done_pending(self) -> None:
         with self._lock:

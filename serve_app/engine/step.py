@@ -36,8 +36,16 @@ class Slot:
     def generating(self) -> bool:
         return self.gen is not None and self.prompt is not None and self.n_prefilled >= len(self.prompt)
 
+    def reset(self) -> None:
+        """Back to empty, once the generation has left (finished, failed or paused) and its KV is freed."""
+        self.gen = self.prompt = None
+        self.n_prefilled = self.n_past = self.pending_prefill = 0
+        self.pending_decode = False
+        self.i_batch = -1
 
-def _admitted(s: Slot) -> float:
+
+def admitted(s: Slot) -> float:
+    """Sort key: when the slot's generation was first admitted."""
     return s.gen.t_admit if s.gen is not None else 0.0
 
 
@@ -53,7 +61,7 @@ def build_batch(b: NpBatch, slots: list[Slot], prefill_chunk: int) -> list[Slot]
             s.pending_decode = True
             with_logits.append(s)
     budget = min(prefill_chunk, b.room)
-    for s in sorted((s for s in slots if s.busy and not s.generating), key=_admitted):
+    for s in sorted((s for s in slots if s.busy and not s.generating), key=admitted):
         if budget <= 0:
             break
         assert s.prompt is not None

@@ -1,6 +1,7 @@
 """Engine faults end cleanly: a lone request the KV cache can never hold gets a retryable 503-class error (never a
 500 or a hang), a shutdown that times out never frees what the still-running engine thread can touch, and an engine
-thread that dies always marks the engine dead and fails its streams."""
+thread that dies always marks the engine dead, fails its streams and refuses new ones; a request that cannot even
+start fails alone."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 
 from serve_app.config import EngineConfig
 from serve_app.engine import EngineRequest, load_engine, open_stream
+from serve_app.errors import EngineDeadError
 from serve_app.protocol import Delta, Done, ErrorEvent, Event, SamplingParams
 
 pytestmark = pytest.mark.timeout(120)
@@ -105,5 +107,35 @@ def test_engine_thread_death_marks_the_engine_dead_and_fails_open_streams(tiny_m
             time.sleep(0.01)
         assert eng.dead and "injected fault" in eng.dead
         assert not isinstance(events[-1], Done)
+
+        async def after() -> None:
+            with pytest.raises(EngineDeadError):  # refused at once, never queued behind a dead thread
+                open_stream(eng, "late", model.tokenize(PROMPT, True, False), greedy(4))
+
+        asyncio.run(after())
+    finally:
+        eng.shutdown()
+
+
+def test_a_request_that_cannot_start_fails_alone(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import serve_app.engine.llama as llama
+
+    eng, model, _ = load_engine(str(tiny_model), EngineConfig(n_parallel=2, n_ctx_per_slot=128), want_gpu=False)
+
+    def refuse(*_a: Any, **_k: Any) -> None:
+        raise MemoryError("no sampler")
+
+    try:
+        monkeypatch.setattr(llama.SamplerChain, "__init__", refuse)
+
+        async def main() -> tuple[Event, Event]:
+            sampled = open_stream(eng, "sampled", model.tokenize(PROMPT, True, False),
+                                  SamplingParams(max_tokens=4, temperature=0.8, seed=1))
+            plain = open_stream(eng, "plain", model.tokenize(PROMPT, True, False), greedy(4))
+            return [ev async for ev in sampled.events()][-1], [ev async for ev in plain.events()][-1]
+
+        failed, fine = asyncio.run(asyncio.wait_for(main(), 20))
+        assert isinstance(failed, ErrorEvent) and isinstance(fine, Done)
+        assert not eng.dead and eng.stats().slots_busy == 0 and eng.stats().waiting == 0
     finally:
         eng.shutdown()
