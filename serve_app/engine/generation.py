@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from serve_app.errors import ContextOverflowError, InvalidRequestError
 from serve_app.protocol import Delta, Done, Event, FinishReason, SamplingParams, Timings, Usage
 
 from .text import StopMatcher, Utf8Stream
@@ -34,6 +35,27 @@ class EngineRequest:
     flush: Callable[[], None] | None = None  # called once after each engine step that emitted for this request
     arrival: float = field(default_factory=time.perf_counter)
     key: int = -1
+
+
+MAX_STOP_CHARS = 1024  # a stop string's matcher is built on the engine thread, in time linear in its length
+
+
+def check_prompt(n_prompt: int, n_ctx_seq: int) -> None:
+    if n_prompt >= n_ctx_seq:
+        raise ContextOverflowError(
+            f"the prompt has {n_prompt} tokens but the context per request is {n_ctx_seq} "
+            f"(at least one token must be left to generate)", param="messages")
+    if n_prompt == 0:
+        raise ContextOverflowError("the prompt is empty", param="prompt")
+
+
+def check_request(req: EngineRequest, model: LlamaModelHandle, n_ctx_seq: int) -> None:
+    """Everything that would make a request fail once admitted, refused before it is queued (typed 4xx)."""
+    check_prompt(len(req.prompt), n_ctx_seq)
+    if any(not model.valid_token(t) for t in req.prompt):
+        raise ContextOverflowError("the prompt contains token ids outside the vocabulary", param="prompt")
+    if any(len(s) > MAX_STOP_CHARS for s in req.params.stop):
+        raise InvalidRequestError(f"stop sequences may be at most {MAX_STOP_CHARS} characters", param="stop")
 
 
 class Generation:

@@ -20,18 +20,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from serve_app.errors import (
-    ContextOverflowError,
-    EngineDeadError,
-    EngineError,
-    KVCacheFullError,
-    QueueFullError,
-    ServeError,
-)
+from serve_app.errors import EngineDeadError, EngineError, KVCacheFullError, QueueFullError, ServeError
 from serve_app.protocol import ErrorEvent, Event, FinishReason
 
 from .batch import NpBatch
-from .generation import EngineRequest, Generation
+from .generation import EngineRequest, Generation, check_prompt, check_request
 from .llama import LlamaContextHandle, LlamaModelHandle
 from .step import Slot, admitted, advance_positions, build_batch, greedy_tokens
 
@@ -96,20 +89,13 @@ class Engine:
     # ---- public, any thread ------------------------------------------------------------------------------------
 
     def check_prompt(self, n_prompt: int) -> None:
-        if n_prompt >= self.n_ctx_seq:
-            raise ContextOverflowError(
-                f"the prompt has {n_prompt} tokens but the context per request is {self.n_ctx_seq} "
-                f"(at least one token must be left to generate)", param="messages")
-        if n_prompt == 0:
-            raise ContextOverflowError("the prompt is empty", param="prompt")
+        check_prompt(n_prompt, self.n_ctx_seq)
 
     def submit(self, reqs: list[EngineRequest]) -> None:
         """Queue requests and give each its key; all of them are admitted in the same step when slots allow (their
         prompts then prefill in one batch). Raises before any work: dead engine, bad prompt, full queue."""
         for r in reqs:
-            self.check_prompt(len(r.prompt))
-            if any(not self.model.valid_token(t) for t in r.prompt):
-                raise ContextOverflowError("the prompt contains token ids outside the vocabulary", param="prompt")
+            check_request(r, self.model, self.n_ctx_seq)
         with self._lock:  # the dying engine thread marks itself dead under this lock, then fails what is queued
             if self.dead:
                 raise EngineDeadError(f"the engine stopped: {self.dead}")

@@ -27,41 +27,65 @@ class Utf8Stream:
         return self._dec.decode(b"", final=True)
 
 
+class _Stop:
+    """One stop string with its KMP failure table: ``state`` is the length of the longest suffix of the text seen
+    so far that is a prefix of the stop string, updated in O(1) amortised per character."""
+
+    __slots__ = ("fail", "pat", "state")
+
+    def __init__(self, pat: str) -> None:
+        fail = [0] * len(pat)
+        k = 0
+        for i in range(1, len(pat)):
+            while k and pat[i] != pat[k]:
+                k = fail[k - 1]
+            if pat[i] == pat[k]:
+                k += 1
+            fail[i] = k
+        self.pat, self.fail, self.state = pat, fail, 0
+
+
 class StopMatcher:
     """Finds the first stop string in generated text, holding back text that could be the start of one.
 
     ``push`` returns ``(text_safe_to_emit, stopped)``. Once stopped, the text up to (not including) the stop string
-    has been emitted and nothing more will be. Each push searches only the new text plus the held tail, which is
-    shorter than the longest stop string, so the whole output is scanned in linear time (``scanned`` counts it).
+    has been emitted and nothing more will be. The stop that completes first wins (the longest, if several complete
+    on the same character), however the text is split into pushes. Each character is looked at once per stop
+    string (``scanned`` counts them), so the work grows with the output, never with the output so far or with
+    the square of a stop string's length; the held tail is shorter than the longest stop string.
     """
 
     def __init__(self, stops: Sequence[str]) -> None:
-        self._stops = [s for s in stops if s]
+        self._stops = [_Stop(s) for s in stops if s]
         self._held = ""
-        self.max_hold = max((len(s) for s in self._stops), default=0) - 1
-        self.scanned = 0  # characters searched so far, over all pushes
+        self.scanned = 0  # characters examined so far, over all pushes
 
     def push(self, text: str) -> tuple[str, bool]:
         if not self._stops:
             return text, False
+        self.scanned += len(text)
+        for i, ch in enumerate(text):
+            done = 0
+            for st in self._stops:
+                pat, k = st.pat, st.state
+                while k and pat[k] != ch:
+                    k = st.fail[k - 1]
+                if pat[k] == ch:
+                    k += 1
+                st.state = k
+                if k == len(pat) and k > done:
+                    done = k
+            if done:
+                buf = self._held + text[: i + 1]
+                self._held = ""
+                return buf[: len(buf) - done], True
+        hold = max(st.state for st in self._stops)
         buf = self._held + text
-        self.scanned += len(buf)
-        cut = min((i for i in (buf.find(s) for s in self._stops) if i >= 0), default=-1)
-        if cut >= 0:
-            self._held = ""
-            return buf[:cut], True
-        hold = self._partial_suffix(buf)
         self._held = buf[len(buf) - hold :] if hold else ""
         return buf[: len(buf) - hold], False
 
     def flush(self) -> str:
         out, self._held = self._held, ""
+        for st in self._stops:
+            st.state = 0
         return out
-
-    def _partial_suffix(self, buf: str) -> int:
-        """Length of the longest suffix of ``buf`` that is a proper prefix of some stop string."""
-        for n in range(min(self.max_hold, len(buf)), 0, -1):
-            tail = buf[-n:]
-            if any(s.startswith(tail) for s in self._stops):
-                return n
-        return 0

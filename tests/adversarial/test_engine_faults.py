@@ -1,7 +1,7 @@
 """Engine faults end cleanly: a lone request the KV cache can never hold gets a retryable 503-class error (never a
 500 or a hang), a shutdown that times out never frees what the still-running engine thread can touch, and an engine
 thread that dies always marks the engine dead, fails its streams and refuses new ones; a request that cannot even
-start fails alone."""
+start fails alone; a stop string too long to match cheaply is refused up front."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 
 from serve_app.config import EngineConfig
 from serve_app.engine import EngineRequest, load_engine, open_stream
-from serve_app.errors import EngineDeadError
+from serve_app.errors import EngineDeadError, InvalidRequestError
 from serve_app.protocol import Delta, Done, ErrorEvent, Event, SamplingParams
 
 pytestmark = pytest.mark.timeout(120)
@@ -137,5 +137,19 @@ def test_a_request_that_cannot_start_fails_alone(tiny_model: Path, monkeypatch: 
         failed, fine = asyncio.run(asyncio.wait_for(main(), 20))
         assert isinstance(failed, ErrorEvent) and isinstance(fine, Done)
         assert not eng.dead and eng.stats().slots_busy == 0 and eng.stats().waiting == 0
+    finally:
+        eng.shutdown()
+
+
+def test_an_oversized_stop_string_is_refused_before_any_work(tiny_model: Path) -> None:
+    from serve_app.engine.generation import MAX_STOP_CHARS
+
+    eng, model, _ = load_engine(str(tiny_model), EngineConfig(n_parallel=1, n_ctx_per_slot=128), want_gpu=False)
+    try:
+        hostile = SamplingParams(max_tokens=4, temperature=0, stop=("x" * (MAX_STOP_CHARS + 1),))
+        with pytest.raises(InvalidRequestError) as caught:
+            eng.submit([EngineRequest("hostile", model.tokenize(PROMPT, True, False), hostile, lambda ev: None)])
+        assert caught.value.status == 400 and caught.value.param == "stop"
+        assert eng.stats().waiting == 0 and eng.stats().slots_busy == 0
     finally:
         eng.shutdown()
