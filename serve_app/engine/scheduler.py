@@ -3,8 +3,9 @@
 Every step puts one token of every generating sequence into one ``llama_decode`` call, plus up to
 ``prefill_chunk`` prompt tokens of sequences still reading their prompt (so a long prompt never stalls running
 streams for long). New requests join between steps; a finished or cancelled sequence frees its KV at once.
-Every call into the llama context happens on the engine thread: other threads enqueue commands, and read-outs
-such as ``kv_free`` run there too (``_call``).
+While the engine thread runs, every call into the llama context happens on it: other threads enqueue commands,
+and read-outs such as ``kv_free`` run there too (``_call``). The context is freed only once that thread has
+stopped, by whichever of it and ``shutdown`` comes last.
 """
 
 from __future__ import annotations
