@@ -47,17 +47,14 @@ class StartupError(RuntimeError):
 # ---- settings -----------------------------------------------------------------------------------------------
 
 
-def env_name(field: str | None) -> str:
-    """The environment variable behind a ``Settings`` field (its alias, else the prefixed upper-case name)."""
-    if field is None:
+def env_name(loc: str | None) -> str:
+    """The environment variable behind a ``Settings`` error location: a field's prefixed upper-case name, or the
+    variable itself for fields read under another library's name (their alias is the location)."""
+    if loc is None:
         return "the environment"
-    info = Settings.model_fields.get(field)
-    if info is None:
-        return field  # already a validation alias such as RAY_ADDRESS
-    alias = info.validation_alias
-    if isinstance(alias, str):
-        return alias
-    return f"{Settings.model_config.get('env_prefix', '')}{field}".upper()
+    if loc in Settings.model_fields:
+        return f"{Settings.model_config.get('env_prefix', '')}{loc}".upper()
+    return loc
 
 
 def load_settings() -> Settings:

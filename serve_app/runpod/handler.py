@@ -51,8 +51,6 @@ class ErrorDetail(dict[str, Any]):
 
 def as_serve_error(exc: BaseException) -> ServeError:
     """Any exception as a typed, client-readable error (never a traceback)."""
-    if isinstance(exc, ServeError):
-        return exc
     typed = ray_failure(exc)
     if typed is not None:
         return typed
