@@ -39,7 +39,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     HF_HOME=/runpod-volume/hf \
     HF_HUB_DISABLE_TELEMETRY=1 \
     RAY_USAGE_STATS_ENABLED=0 \
-    SERVE_CONFIG=/app/serve_config.yaml \
+    GGUF_SERVE_CONFIG=/app/serve_config.yaml \
     PYTHONUNBUFFERED=1
 USER 1000
 # BAKE_MODEL=1 downloads the configured model at build time and verifies its size and sha256 against the Hub
@@ -51,4 +51,4 @@ RUN if [ "$BAKE_MODEL" = "1" ]; then python -m serve_app.preflight /app/serve_co
 EXPOSE 8000 8265
 HEALTHCHECK --interval=30s --timeout=5s --start-period=600s --retries=3 \
   CMD ["python3", "-c", "import urllib.request as u; u.urlopen('http://127.0.0.1:8000/ready', timeout=4)"]
-CMD ["python", "-m", "serve_app.runpod_handler"]
+CMD ["python", "-m", "serve_app.runpod"]

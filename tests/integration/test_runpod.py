@@ -1,16 +1,16 @@
-"""Invariant: the container command ``python -m serve_app.runpod_handler``, run under the real ``runpod`` SDK, joins
+"""Invariant: the container command ``python -m serve_app.runpod``, run under the real ``runpod`` SDK, joins
 the session's Ray cluster, waits for the ``llm`` app, and answers every job shape worker-vllm accepts (OpenAI chat /
 completions / models, stream and not, legacy ``messages`` / ``prompt`` + ``sampling_params`` / ``stream``) with
 worker-vllm's output contract, as seen on RunPod's own wire (job-stream / job-done posts to a loopback fake of the
 job API): one OpenAI dict per non-stream job, ``data:`` SSE strings ending ``data: [DONE]`` per stream job, and a
-bad job fails alone with a readable error (no traceback) while the worker keeps taking jobs, as many at once as the
-engine has slots. The same worker serves RunPod's local ``--rp_serve_api`` ``POST /runsync``.
+bad job fails alone with a readable error (its ``error`` is the JSON text of ``{"message", "type", "param", "code"}``,
+never a Python repr or a traceback) while the worker keeps taking jobs, as many at once as the engine has slots.
+The same worker serves RunPod's local ``--rp_serve_api`` ``POST /runsync``.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -23,55 +23,26 @@ import pytest
 import yaml
 
 from tests.conftest import LLM_APP_ARGS, free_port
-from tests.support.fake_runpod import FakeRunPod
+from tests.support.fake_runpod import (
+    REPO,
+    WORKER_MODULE,
+    FakeRunPod,
+    local_api_worker,
+    log_tail,
+    start_worker,
+    wait_for_local_api,
+    worker_env,
+)
 from tests.support.procs import stop_process_group
 
 pytestmark = pytest.mark.timeout(300)
 
-REPO = Path(__file__).resolve().parents[2]
 MSGS = [{"role": "user", "content": "hello there"}]
 GEN = {"max_tokens": 8, "temperature": 0, "ignore_eos": True}
 SLOTS = LLM_APP_ARGS["engine"]["n_parallel"]
 
 
 # ---- worker processes ---------------------------------------------------------------------------------------
-
-
-def worker_env(**extra: str) -> dict[str, str]:
-    import ray
-
-    # RAY_AUTH_MODE too: ray.init() set it in this process, a RunPod container does not have it
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RUNPOD_", "RAY_ADDRESS", "RAY_AUTH_MODE"))}
-    env.update(RAY_ADDRESS=ray.get_runtime_context().gcs_address, RUNPOD_LOG_LEVEL="INFO", PYTHONUNBUFFERED="1",
-               RUNPOD_READY_TIMEOUT_S="120", **extra)
-    return env
-
-
-def start_worker(log_path: Path, env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
-    with log_path.open("wb") as log:
-        return subprocess.Popen([sys.executable, "-m", "serve_app.runpod_handler", *args], cwd=REPO, env=env,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-stop_worker = stop_process_group
-
-
-def wait_for_local_api(proc: subprocess.Popen[bytes], log_path: Path, port: int) -> str:
-    """Wait until the worker's --rp_serve_api server answers (it starts only once the model is ready)."""
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 150
-    while True:
-        assert proc.poll() is None, f"worker exited rc={proc.returncode}:\n{log_tail(log_path)}"
-        assert time.monotonic() < deadline, f"the local API never came up:\n{log_tail(log_path)}"
-        try:
-            httpx.get(f"{base}/openapi.json", timeout=2)
-            return base
-        except httpx.TransportError:
-            time.sleep(0.3)
-
-
-def log_tail(path: Path, n: int = 4000) -> str:
-    return path.read_text(errors="replace")[-n:]
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +60,7 @@ def runpod_api(llm_app: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             yield fake
             assert proc.poll() is None, f"the worker died:\n{log_tail(log_path)}"
         finally:
-            stop_worker(proc)
+            stop_process_group(proc)
         print(log_tail(log_path, 1500))
 
 
@@ -147,6 +118,8 @@ def assert_failed(fake: FakeRunPod, job_id: str, *fragments: str) -> str:
     assert set(body) == {"error"}, body
     err = body["error"]
     assert isinstance(err, str) and "Traceback" not in err and "traceback" not in err, err
+    # the SDK fails the job with str() of the error item's object: it is JSON, not a Python repr
+    assert set(json.loads(err)) == {"message", "type", "param", "code"}, err
     for f in fragments:
         assert f in err, err
     assert fake.stream_outputs(job_id) == []  # the SDK stops at the error item
@@ -233,17 +206,8 @@ def test_takes_as_many_jobs_as_the_engine_has_slots(runpod_api: FakeRunPod) -> N
 @pytest.fixture(scope="module")
 def rp_serve_api(llm_app: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log_path = tmp_path_factory.mktemp("runpod_api") / "worker.log"
-    port = free_port()
-    # A container that joins the cluster has no ~/.ray/auth_token of its own: the token comes in RAY_AUTH_TOKEN.
-    env = worker_env(HOME=str(log_path.parent))
-    token = Path.home() / ".ray" / "auth_token"
-    if token.exists():
-        env["RAY_AUTH_TOKEN"] = token.read_text().strip()
-    proc = start_worker(log_path, env, "--rp_serve_api", "--rp_api_host", "127.0.0.1", "--rp_api_port", str(port))
-    try:
-        yield wait_for_local_api(proc, log_path, port)
-    finally:
-        stop_worker(proc)
+    with local_api_worker(log_path, free_port()) as base:
+        yield base
 
 
 def test_rp_serve_api_runsync(rp_serve_api: str) -> None:
@@ -288,7 +252,7 @@ def test_worker_starts_ray_and_the_app_from_the_config(tiny_model: Path, tmp_pat
         }],
     }))
     log_path = tmp_path / "worker.log"
-    env = worker_env(SERVE_CONFIG=str(config))
+    env = worker_env(GGUF_SERVE_CONFIG=str(config))
     env["RAY_ADDRESS"] = "local"  # what `auto` falls back to when no cluster is running
     proc = start_worker(log_path, env, "--rp_serve_api", "--rp_api_host", "127.0.0.1", "--rp_api_port",
                         str(api_port))
@@ -302,7 +266,7 @@ def test_worker_starts_ray_and_the_app_from_the_config(tiny_model: Path, tmp_pat
         models = httpx.get(f"http://127.0.0.1:{http_port}/v1/models", timeout=10).json()
         assert models["data"][0]["id"] == out["output"][0]["model"]
     finally:
-        stop_worker(proc)
+        stop_process_group(proc)
     assert proc.returncode is not None
 
 
@@ -316,8 +280,8 @@ def test_startup_failure_is_one_readable_line(llm_app: str, tmp_path: Path) -> N
                          "accelerator": "cpu", "engine": {"n_parallel": 1, "n_ctx_per_slot": 128}}),
               name="runpod-bad", route_prefix="/runpod-bad")
     try:
-        r = subprocess.run([sys.executable, "-m", "serve_app.runpod_handler"], cwd=REPO, capture_output=True,
-                           text=True, timeout=120, env=worker_env(SERVE_APP_NAME="runpod-bad"))
+        r = subprocess.run([sys.executable, "-m", WORKER_MODULE], cwd=REPO, capture_output=True,
+                           text=True, timeout=120, env=worker_env(GGUF_SERVE_APP_NAME="runpod-bad"))
     finally:
         serve.delete("runpod-bad", _blocking=False)
     assert r.returncode == 1
@@ -326,14 +290,14 @@ def test_startup_failure_is_one_readable_line(llm_app: str, tmp_path: Path) -> N
     assert "missing.gguf" in line and "Traceback" not in r.stderr
     # an unreachable explicit address fails at once instead of hanging in ray.init
     t0 = time.monotonic()
-    r = subprocess.run([sys.executable, "-m", "serve_app.runpod_handler"], cwd=REPO, capture_output=True,
+    r = subprocess.run([sys.executable, "-m", WORKER_MODULE], cwd=REPO, capture_output=True,
                        text=True, timeout=60, env={**worker_env(), "RAY_ADDRESS": f"127.0.0.1:{free_port()}"})
     assert r.returncode == 1 and time.monotonic() - t0 < 30
     assert [ln.split(" at ")[0] for ln in verdicts(r.stderr)] == ["runpod worker cannot start: no Ray cluster answers"]
     # and so does a worker with no cluster and no config
-    r = subprocess.run([sys.executable, "-m", "serve_app.runpod_handler"], cwd=REPO, capture_output=True,
+    r = subprocess.run([sys.executable, "-m", WORKER_MODULE], cwd=REPO, capture_output=True,
                        text=True, timeout=60,
-                       env={**worker_env(SERVE_CONFIG=str(tmp_path / "nope.yaml")), "RAY_ADDRESS": "local"})
+                       env={**worker_env(GGUF_SERVE_CONFIG=str(tmp_path / "nope.yaml")), "RAY_ADDRESS": "local"})
     assert r.returncode == 1 and [ln.split(" and ")[0] for ln in verdicts(r.stderr)] == [
         "runpod worker cannot start: no Ray cluster to join"]
 
@@ -352,12 +316,12 @@ def test_ray_exceptions_become_error_items(llm_app: str) -> None:
 
     from ray import serve
 
-    from serve_app import runpod_handler
+    from serve_app.runpod import handler as job_handler
 
     async def collect(job_input: dict[str, Any]) -> list[Any]:
-        return [item async for item in runpod_handler.handler({"id": "j1", "input": job_input})]
+        return [item async for item in job_handler.handler({"id": "j1", "input": job_input})]
 
-    worker = runpod_handler.WORKER
+    worker = job_handler.WORKER
     assert worker.handle is None  # this process is not a worker: nothing to restore but the handle
     worker.handle = serve.get_deployment_handle("ModelCache", "llm")
     try:

@@ -9,20 +9,29 @@ It speaks the production wire format of runpod 1.12 (see ``/work/shared/referenc
 * ``POST /job-done/<worker>/<id>?...&isStream=true|false`` with ``{"output": [...]}`` or ``{"error": "..."}``.
   Bodies are JSON text sent as ``application/x-www-form-urlencoded``.
 
-Point the worker at it with ``env()``; every request is recorded in ``takes`` / ``posts``.
+Point the worker at it with ``env()``; every request is recorded in ``takes`` / ``posts``. The helpers at the end
+start the real worker process (``python -m serve_app.runpod``) beside the test's Ray cluster.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+from tests.support.procs import stop_process_group
 
 
 @dataclass
@@ -208,3 +217,64 @@ class FakeRunPod:
                 self._reply(200, {})
 
         return Handler
+
+
+# ---- the worker process -------------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+WORKER_MODULE = "serve_app.runpod"  # the container command is ``python -m serve_app.runpod``
+
+
+def worker_env(**extra: str) -> dict[str, str]:
+    """The environment of a worker joining this test process's Ray cluster (no RunPod variables: local mode)."""
+    import ray
+
+    # RAY_AUTH_MODE too: ray.init() set it in this process, a RunPod container does not have it
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RUNPOD_", "RAY_ADDRESS", "RAY_AUTH_MODE", "GGUF_SERVE_"))}
+    env.update(RAY_ADDRESS=ray.get_runtime_context().gcs_address, RUNPOD_LOG_LEVEL="INFO", PYTHONUNBUFFERED="1",
+               GGUF_SERVE_RUNPOD_READY_TIMEOUT_S="120", **extra)
+    return env
+
+
+def start_worker(log_path: Path, env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
+    with log_path.open("wb") as log:
+        return subprocess.Popen([sys.executable, "-m", WORKER_MODULE, *args], cwd=REPO, env=env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def log_tail(path: Path, n: int = 4000) -> str:
+    return path.read_text(errors="replace")[-n:]
+
+
+def wait_for_local_api(proc: subprocess.Popen[bytes], log_path: Path, port: int) -> str:
+    """Wait until the worker's --rp_serve_api server answers (it starts only once the model is ready)."""
+    import httpx
+
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 150
+    while True:
+        assert proc.poll() is None, f"worker exited rc={proc.returncode}:\n{log_tail(log_path)}"
+        assert time.monotonic() < deadline, f"the local API never came up:\n{log_tail(log_path)}"
+        try:
+            httpx.get(f"{base}/openapi.json", timeout=2)
+            return base
+        except httpx.TransportError:
+            time.sleep(0.3)
+
+
+@contextmanager
+def local_api_worker(log_path: Path, port: int, **extra_env: str) -> Iterator[str]:
+    """A worker joining this process's cluster and serving RunPod's local API (``--rp_serve_api``) on ``port``;
+    yields its base URL and stops the worker's process group afterwards."""
+    # A container that joins the cluster has no ~/.ray/auth_token of its own: the token comes in RAY_AUTH_TOKEN.
+    env = worker_env(HOME=str(log_path.parent), **extra_env)
+    token = Path.home() / ".ray" / "auth_token"
+    if token.exists():
+        env["RAY_AUTH_TOKEN"] = token.read_text().strip()
+    proc = start_worker(log_path, env, "--rp_serve_api", "--rp_api_host", "127.0.0.1", "--rp_api_port", str(port))
+    try:
+        yield wait_for_local_api(proc, log_path, port)
+        assert proc.poll() is None, f"the worker died:\n{log_tail(log_path)}"
+    finally:
+        stop_process_group(proc)

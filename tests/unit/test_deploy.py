@@ -1,5 +1,6 @@
 """Every shipped config is valid for Ray Serve's own schema and for our strict app args, the KubeRay manifest
-embeds the same schema, and the Dockerfile passes hadolint."""
+embeds the same schema, and the Dockerfile passes hadolint. The quick-start config listens on loopback only; a
+config that listens on every interface says why in a comment."""
 
 from __future__ import annotations
 
@@ -56,6 +57,15 @@ def test_runpod_template_and_test_input() -> None:
     assert hub["type"] == "serverless" and hub["config"]["gpuCount"] == 1
     job = json.loads((REPO / "deploy/runpod/test_input.json").read_text())
     assert job["input"]["openai_route"] == "/v1/chat/completions"
+
+
+def test_quick_start_listens_on_loopback_and_wider_listeners_say_why() -> None:
+    assert yaml.safe_load((REPO / "serve_config.yaml").read_text())["http_options"]["host"] == "127.0.0.1"
+    for path in [*CONFIGS, "deploy/kuberay/rayservice.yaml"]:
+        lines = (REPO / path).read_text().splitlines()
+        for i, line in enumerate(lines):
+            if line.strip() == "host: 0.0.0.0":
+                assert lines[i - 1].strip().startswith("#"), f"{path}:{i + 1}: say why it listens beyond loopback"
 
 
 def test_unknown_arg_is_rejected() -> None:

@@ -18,8 +18,10 @@ from ray.exceptions import ActorDiedError, RayTaskError
 from ray.serve.exceptions import BackPressureError, RequestCancelledError
 
 from serve_app.errors import InvalidRequestError, QueueFullError
-from serve_app.runpod_handler import Worker, _deploy_failure, as_serve_error, concurrency_target
-from serve_app.runpod_input import CHAT, COMPLETIONS, MODELS, IngressCall, normalise
+from serve_app.routes import CHAT, COMPLETIONS, MODELS
+from serve_app.runpod.bootstrap import _deploy_failure
+from serve_app.runpod.handler import Worker, as_serve_error, concurrency_target
+from serve_app.runpod.input import IngressCall, normalise
 
 MSGS = [{"role": "user", "content": "hi"}]
 
@@ -187,7 +189,7 @@ def test_unrecognised_input_lists_what_is_expected(raw: dict[str, Any]) -> None:
     rejects(raw, "unrecognised job input", "openai_route", "messages")
 
 
-# ---- worker policy (pure parts of serve_app.runpod_handler) -------------------------------------------------
+# ---- worker policy (pure parts of serve_app.runpod) --------------------------------------------------------
 
 
 def info(total: int = 4, busy: int = 0, waiting: int = 0, state: str = "ready") -> dict[str, Any]:
@@ -199,7 +201,7 @@ def test_concurrency_follows_free_slots() -> None:
     assert concurrency_target(info(4, 3, 0), 0, None) == 1  # someone else (HTTP) holds 3 slots
     assert concurrency_target(info(4, 2, 0), 0, None) == 2
     assert concurrency_target(info(4, 4, 5), 0, None) == 1  # never 0: the SDK would stop polling
-    assert concurrency_target(info(8, 0, 0), 0, 3) == 3  # RUNPOD_MAX_CONCURRENCY caps it
+    assert concurrency_target(info(8, 0, 0), 0, 3) == 3  # GGUF_SERVE_RUNPOD_MAX_CONCURRENCY caps it
     assert concurrency_target(info(2, 0, 0), 0, 6) == 2  # ...but never above the slots
 
 
@@ -263,7 +265,7 @@ def test_the_worker_never_imports_the_engine() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, serve_app.runpod_handler; "
+    code = ("import sys, serve_app.runpod.bootstrap; "
             "print(sorted(m for m in sys.modules if m.startswith(('llama_cpp', 'serve_app.engine', 'serve_app.llama'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]", out.stdout

@@ -1,0 +1,61 @@
+"""Every private Ray API the RunPod worker relies on, in one place (Ray 2.60). Ray may change these in any release;
+``tests/unit/test_runpod_ray_private.py`` imports each one and checks the signature used here, so an upgrade that
+breaks one fails there by name instead of in a container at start-up.
+
+* ``ray._private.services.canonicalize_bootstrap_address``: what ``ray.init`` does with ``RAY_ADDRESS`` (``auto``
+  finds the cluster on this machine), used to decide between joining one and starting one here.
+* ``ray._private.authentication...maybe_enable_token_auth_if_token_available``: Ray 2.60 uses an available token
+  only for a cluster it finds itself; joining an explicit address needs it turned on.
+* ``ray.serve._private.constants.SERVE_NAMESPACE``: the namespace Serve's handles live in.
+* ``ray.serve._private.api.serve_start`` and ``ServeControllerClient.deploy_apps(config, _blocking=False)``: what
+  ``serve run <config>`` does, so the config's ``http_options`` and per-deployment overrides apply.
+* ``DeploymentHandle.options(_by_reference=False)``: calls by value over Serve's replica-to-replica gRPC channel.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve._private.constants import SERVE_NAMESPACE
+from ray.serve.handle import DeploymentHandle
+
+__all__ = ["SERVE_NAMESPACE", "by_value", "enable_token_auth_if_available", "resolve_address",
+           "start_serve_and_deploy"]
+
+
+def resolve_address(address: str) -> str | None:
+    """``host:port`` of the cluster ``address`` names; None for ``local``. Raises ``ConnectionError`` when
+    ``auto`` finds no cluster and ``ValueError`` for a malformed address (Ray's own exceptions)."""
+    from ray._private.services import canonicalize_bootstrap_address
+
+    return canonicalize_bootstrap_address(address)
+
+
+def enable_token_auth_if_available() -> None:
+    """Use ~/.ray/auth_token or RAY_AUTH_TOKEN, when there is one, for an explicitly addressed cluster too."""
+    from ray._private.authentication.authentication_token_setup import (
+        maybe_enable_token_auth_if_token_available,
+    )
+
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
+def start_serve_and_deploy(config: Any) -> None:
+    """Start Serve on the connected cluster with the config's own options and deploy its applications without
+    waiting (the caller waits for readiness itself)."""
+    from ray.serve._private.api import serve_start
+    from ray.serve.config import gRPCOptions
+
+    client = serve_start(
+        http_options=config.http_options.model_dump(),
+        proxy_location=config.proxy_location,
+        grpc_options=gRPCOptions(**config.grpc_options.model_dump()),
+        controller_options=config.controller_options,
+    )
+    client.deploy_apps(config, _blocking=False)
+
+
+def by_value(handle: DeploymentHandle) -> DeploymentHandle:
+    """The handle with calls sent by value over Serve's direct gRPC channel (about 1 ms less each way than the
+    object store)."""
+    return handle.options(_by_reference=False)
