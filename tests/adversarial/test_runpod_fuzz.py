@@ -25,7 +25,7 @@ from tests.support.fake_runpod import local_api_worker
 pytestmark = pytest.mark.timeout(300)
 
 SEED = 20261202
-N_JOBS = 300
+N_JOBS = 500
 MSGS = [{"role": "user", "content": "hi"}]
 BASE = {"messages": MSGS, "max_tokens": 2, "temperature": 0}
 OPENAI_FIELDS = ["model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p",
