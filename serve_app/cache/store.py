@@ -15,28 +15,20 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import Literal
 
 from pydantic import BaseModel
 
-from serve_app.cache.fetch import Deadline, FetchJob, download_verified
+from serve_app.cache.fetch import FetchJob, download_verified
 from serve_app.cache.hub import (
-    COMMIT_RE,
     HubClient,
     RemoteFile,
     RepoListing,
-    is_glob,
     is_transient,
-    offline_mode,
+    retry_policy,
     select_files,
-    split_part_names,
     to_serve_error,
-    validate_filename,
-    validate_repo_id,
-    validate_revision,
 )
 from serve_app.cache.integrity import hash_file, regular_file_stat
 from serve_app.cache.layout import Layout
@@ -50,13 +42,22 @@ from serve_app.cache.manifest import (
     ref_key,
     utc_now,
 )
+from serve_app.cache.names import (
+    COMMIT_RE,
+    is_glob,
+    split_part_names,
+    validate_filename,
+    validate_repo_id,
+    validate_revision,
+)
 from serve_app.config import DownloadConfig, ModelRef
 from serve_app.errors import IntegrityError, NotCachedError, ServeError
+from serve_app.retry import Deadline, RetriesExhausted, retry
+from serve_app.settings import Settings
 
 log = logging.getLogger("serve_app.cache")
 
 State = Literal["present", "missing", "corrupt"]
-_T = TypeVar("_T")
 
 
 class CachedFile(BaseModel):
@@ -203,33 +204,20 @@ class ModelStore:
         return None
 
     def _listing(self, hub: HubClient, ref: ModelRef) -> RepoListing:
-        assert ref.repo_id is not None
-        repo_id = ref.repo_id
-        return self._retrying(
-            lambda timeout: hub.listing(repo_id, ref.revision, timeout=timeout),
-            lambda exc: to_serve_error(exc, endpoint=hub.endpoint, repo_id=repo_id, revision=ref.revision),
-            what=f"metadata of {repo_id}@{ref.revision}",
-        )
+        repo_id = ref.repo_id or ""
 
-    def _retrying(
-        self, call: Callable[[float], _T], to_error: Callable[[BaseException], ServeError], *, what: str
-    ) -> _T:
-        """Bounded retries of a metadata call: ``max_attempts`` tries, exponential backoff, overall deadline."""
-        cfg = self.config
-        deadline = Deadline(cfg.timeout_s)
-        for attempt in range(1, cfg.max_attempts + 1):
-            try:
-                return call(max(0.001, min(cfg.read_timeout_s, deadline.remaining())))
-            except Exception as exc:
-                if not is_transient(exc):
-                    raise to_error(exc) from exc
-                delay = min(cfg.backoff_max_s, cfg.backoff_base_s * 2 ** (attempt - 1))
-                if attempt == cfg.max_attempts or delay >= deadline.remaining():
-                    raise to_error(exc) from exc
-                log.warning("%s: attempt %d/%d failed (%s); retrying in %.2g s", what, attempt, cfg.max_attempts,
-                            type(exc).__name__, delay)
-                time.sleep(delay)
-        raise AssertionError("unreachable")
+        def to_error(exc: BaseException) -> ServeError:
+            return to_serve_error(exc, endpoint=hub.endpoint, repo_id=repo_id, revision=ref.revision)
+
+        deadline = Deadline(self.config.timeout_s)
+        try:
+            return retry(lambda: hub.listing(repo_id, ref.revision, timeout=deadline.io_timeout(
+                self.config.read_timeout_s)), retry_policy(self.config), deadline, retryable=is_transient,
+                what=f"metadata of {repo_id}@{ref.revision}")
+        except RetriesExhausted as exc:
+            raise to_error(exc.last) from exc.last
+        except Exception as exc:  # permanent: one request, a typed error at once
+            raise to_error(exc) from exc
 
     def _remember(self, ref: ModelRef, commit: str, names: list[str]) -> None:
         assert ref.repo_id is not None
@@ -251,7 +239,7 @@ class ModelStore:
         _validate(ref)
         known = self._known(ref)
         if known is None:
-            if offline_mode():
+            if Settings().hf_offline:
                 return CacheStatus(state="missing", repo_id=ref.repo_id, filename=ref.filename, revision=ref.revision)
             hub = HubClient()
             listing = self._listing(hub, ref)
@@ -311,7 +299,7 @@ class ModelStore:
 
     def _fetch(self, ref: ModelRef, resolve: ModelRef) -> CachedFile:
         """Resolve ``resolve`` on the Hub and obtain its files; the manifest pins ``ref`` to the result."""
-        if offline_mode():
+        if Settings().hf_offline:
             raise NotCachedError(
                 f"{ref.repo_id}/{ref.filename}@{ref.revision} is not in the cache at {self.layout.root} "
                 "(or failed verification) and HF_HUB_OFFLINE=1 forbids downloading it"
