@@ -21,7 +21,8 @@ class Checker:
 
     def evaluate(self, repo_id: str, commit: str, names: list[str], *, rehash: bool) -> tuple[State, list[FileRecord]]:
         """Worst state over the parts ("corrupt" > "missing" > "present"); updated records are persisted."""
-        assert names
+        if not names:
+            return "missing", []
         files = self.manifest.read().files
         original = dict(files)
         states: list[State] = []
@@ -47,7 +48,8 @@ class Checker:
     def check(self, rec: FileRecord, *, rehash: bool) -> tuple[State, FileRecord | None]:
         """The state of one Hub file, and its updated record when that changed."""
         try:
-            path = self.layout.absolute(rec.path)
+            # Derived from the record's repo, commit and name (never its stored path) and checked for containment.
+            path = self.layout.final_path(rec.repo_id or "", rec.commit or "", rec.filename)
             st = regular_file_stat(path)
         except IntegrityError as exc:
             log.warning("%s", exc)

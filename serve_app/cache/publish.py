@@ -1,8 +1,8 @@
 """Putting a Hub file on the volume, and taking it off again.
 
 A file becomes visible at its final path only after its size and sha256 matched the Hub's LFS metadata: it is
-received in a private staging directory, verified, fsynced, then published with ``os.replace``. The manifest
-is written after publishing; a published file without a record is re-adopted by hash.
+received in a private staging directory, verified, fsynced, then published with ``os.replace``. Its record goes
+to the manifest and then beside it (``recovery.py``); a published file without a record is re-adopted by hash.
 Everything here runs under the file's cross-process lock.
 """
 
@@ -17,9 +17,9 @@ from serve_app.cache.hub import HubClient, RemoteFile
 from serve_app.cache.integrity import hash_file, regular_file_stat
 from serve_app.cache.layout import Layout
 from serve_app.cache.manifest import SUSPECT_MTIME, FileRecord, Manifest, fsync_dir, utc_now
+from serve_app.cache.recovery import drop_record, save_record
 from serve_app.cache.results import StoreStats
 from serve_app.config import DownloadConfig
-from serve_app.errors import IntegrityError
 from serve_app.retry import Deadline
 
 log = logging.getLogger("serve_app.cache")
@@ -54,13 +54,16 @@ class Publisher:
             return self._record(repo_id, commit, revision, remote.name, final, (sha256, mtime_ns))
 
     def unpublish(self, repo_id: str, commit: str, name: str) -> None:
-        try:
-            final = self.layout.final_path(repo_id, commit, name)
-        except IntegrityError:
-            final = os.path.join(self.layout.root, Layout.relative_path(repo_id, commit, name))
-        if os.path.lexists(final):
-            os.unlink(final)  # a symlink is removed, never followed
-        self.layout.remove_empty_parents(final)
+        """Delete the published file (a symlink there is removed, never followed) and its side record."""
+        final = self.layout.deletable_path(repo_id, commit, name)
+        if final is None:
+            log.warning("not deleting %s/%s@%s: its path leaves the cache directory or passes through a symlink",
+                        repo_id, name, commit[:60])
+        else:
+            if os.path.lexists(final):
+                os.unlink(final)
+            self.layout.remove_empty_parents(final)
+        drop_record(self.layout, Layout.file_key(repo_id, commit, name))
 
     def _count_corrupt(self) -> None:
         self.stats.verify_failures += 1
@@ -108,7 +111,9 @@ class Publisher:
             mtime_ns=digest[1],
         )
         with self.manifest.update() as data:
-            data.files[Layout.file_key(repo_id, commit, name)] = rec
+            data.files[rec.key()] = rec
+        # After the manifest: a first pull on a fresh volume must not look like a lost manifest with records.
+        save_record(self.layout, rec)
         return rec
 
 

@@ -4,7 +4,8 @@ Warm path: when the manifest knows a reference (a branch is pinned to the commit
 pull; a 40-hex revision is looked up directly), ``ensure``/``status`` make zero network requests and cost one
 manifest read plus one ``lstat`` per file. A size or mtime mismatch triggers a full re-hash. ``ensure(ref,
 refresh=True)`` re-resolves the revision on the Hub. ``HF_HUB_OFFLINE`` is read (through ``Settings``) at call
-time. How a file is published: ``publish.py``; how it is checked: ``checks.py``.
+time. How a file is published: ``publish.py``; how it is checked: ``checks.py``; a lost or damaged manifest is
+rebuilt by ``recovery.py``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from serve_app.cache.names import (
     validate_revision,
 )
 from serve_app.cache.publish import Publisher
+from serve_app.cache.recovery import rebuild
 from serve_app.cache.results import (
     CachedFile,
     CacheStatus,
@@ -56,7 +58,8 @@ class ModelStore:
         self.stats = StoreStats()
         self.config = download or DownloadConfig()
         self.layout = Layout(cache_dir)
-        self.manifest = Manifest(self.layout.manifest_path, self.layout.lock_path("manifest"))
+        self.manifest = Manifest(self.layout.manifest_path, self.layout.lock_path("manifest"),
+                                 recover=lambda: rebuild(self.layout))
         self._checker = Checker(self.layout, self.manifest)
         self._publisher = Publisher(self.layout, self.manifest, self.config, self.stats, progress)
 
@@ -103,7 +106,9 @@ class ModelStore:
         return self._fetch(ref, pinned)
 
     def invalidate(self, ref: ModelRef) -> None:
-        """Delete the cached file(s) of ``ref`` and their records (a local file's record only, never the file)."""
+        """Delete the cached file(s) of ``ref`` and their records (a local file's record only, never the file).
+        Nothing outside the volume is deleted, whatever the manifest or the volume holds (``Publisher.unpublish``).
+        """
         if ref.is_local:
             try:
                 forget_local(local_parts(ref.filename), self.manifest)
