@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from serve_app.cache.store import ModelStore
 from serve_app.config import AppArgs
-from serve_app.errors import ServeError
+from serve_app.errors import ServeError, first_problem
 
 
 def app_args(config_path: str, app_name: str = "llm") -> AppArgs:
@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         args = app_args(a.config, a.app)
         cached = ModelStore(args.cache_dir, args.download).ensure(args.model)
     except ValidationError as e:
-        err = e.errors()[0]
-        print(f"error: {a.config}: args.{'.'.join(map(str, err['loc']))}: {err['msg']}", file=sys.stderr)
+        where, problem = first_problem(e)
+        print(f"error: {a.config}: args{'.' + where if where else ''}: {problem}", file=sys.stderr)
         return 2
     except (OSError, ValueError, yaml.YAMLError) as e:
         print(f"error: {a.config}: {e}", file=sys.stderr)

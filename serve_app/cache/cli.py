@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from serve_app.cache.store import CachedFile, CacheStatus, ModelStore
 from serve_app.config import DownloadConfig, ModelRef
-from serve_app.errors import ServeError
+from serve_app.errors import ServeError, first_problem
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CORRUPT, EXIT_MISSING = 0, 1, 2, 3, 4
 _STATE_EXIT = {"present": EXIT_OK, "corrupt": EXIT_CORRUPT, "missing": EXIT_MISSING}
@@ -132,9 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         _fail("interrupted", args.json)
         return 130
     except ValidationError as err:  # the reference or the download options
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ())) or "argument"
-        _fail(f"invalid {where}: {first.get('msg', 'invalid value')}", args.json)
+        where, problem = first_problem(err)
+        _fail(f"invalid {where or 'argument'}: {problem}", args.json)
         return EXIT_USAGE
     except Exception as err:
         logging.getLogger("serve_app.cache").debug("unexpected error", exc_info=True)

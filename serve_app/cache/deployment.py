@@ -1,11 +1,11 @@
 """``ModelCache``: the Ray Serve deployment that owns the model volume for an application.
 
-Errors are returned, not raised: every method returns its result, or ``{"error": err.to_dict()}`` where
-``err`` is a ``ServeError`` (an unexpected exception becomes ``internal_error``). Callers do
-``serve_app.cache.reply.unwrap(await handle.ensure.remote(ref))`` to get the value or the typed error back
-(see ``reply.py`` for why). Blocking work (hashing, downloads, lock waits) runs in a thread pool sized to
-``max_ongoing_requests`` (like ``asyncio.to_thread``, with enough threads) so one slow pull never stalls the
-replica's event loop; replicas on other nodes or RunPod workers sharing the volume
+Errors are values, as on the rest of the token path (``serve_app.protocol``): each method answers with its result
+model (``CachedFile``, ``CacheStatus``, a list of ``CachedFile``, or None for ``invalidate``) or with an
+``ErrorEvent`` carrying the typed ``ServeError`` (an unexpected exception becomes ``internal_error``); callers
+unwrap with ``raise_if_error(await handle.ensure.remote(ref))``. Blocking work (hashing, downloads, lock waits) runs
+in a thread pool sized to ``max_ongoing_requests`` (like ``asyncio.to_thread``, with enough threads) so one slow
+pull never stalls the replica's event loop; replicas on other nodes or RunPod workers sharing the volume
 coordinate through the per-file locks in ``layout.py``.
 """
 
@@ -15,16 +15,16 @@ import asyncio
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from pydantic import ValidationError
 from ray import serve
 
-from serve_app.cache.reply import error_reply
-from serve_app.cache.store import ModelStore, StoreStats
+from serve_app.cache.store import CachedFile, CacheStatus, ModelStore, StoreStats
 from serve_app.config import DownloadConfig, ModelRef
-from serve_app.errors import InvalidModelReferenceError
+from serve_app.errors import InvalidModelReferenceError, ServeError, invalid_request
 from serve_app.metrics import CacheMetrics
+from serve_app.protocol import ErrorEvent
 
 log = logging.getLogger("serve_app.cache")
 T = TypeVar("T")
@@ -42,23 +42,24 @@ class ModelCache:
         # each, and must not starve status/list calls.
         self._pool = ThreadPoolExecutor(max_workers=_MAX_ONGOING, thread_name_prefix="model-cache")
 
-    async def _call(self, name: str, fn: Callable[[], T]) -> T | dict[str, Any]:
+    async def _call(self, name: str, fn: Callable[[], T]) -> T | ErrorEvent:
         try:
             return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
         except ValidationError as err:
-            first = err.errors()[0]
-            where = ".".join(str(p) for p in first.get("loc", ())) or "ref"
-            return self._failed(InvalidModelReferenceError(f"Invalid model reference ({where}): {first['msg']}"))
-        except Exception as err:
-            log.warning("model cache %s failed: %s", name, err)
+            return self._failed(invalid_request(err, InvalidModelReferenceError))
+        except ServeError as err:
+            log.warning("model cache %s failed: %s", name, err.message)
             return self._failed(err)
+        except Exception as err:
+            log.warning("model cache %s failed unexpectedly", name, exc_info=True)
+            detail = " ".join(str(err).split())[:200]
+            return self._failed(ServeError(f"model cache internal error: {type(err).__name__}: {detail}"))
         finally:
             self._report()
 
-    def _failed(self, err: BaseException) -> dict[str, Any]:
-        reply = error_reply(err)
-        self._metrics.errors.inc(tags={"code": str(reply["error"]["code"])})
-        return reply
+    def _failed(self, err: ServeError) -> ErrorEvent:
+        self._metrics.errors.inc(tags={"code": err.code})
+        return ErrorEvent(err)
 
     def _report(self) -> None:
         """Push the store's counters to Ray's metrics as increments since the last report."""
@@ -72,20 +73,20 @@ class ModelCache:
                 counter.inc(delta)
                 setattr(last, name, getattr(now, name))
 
-    async def ensure(self, ref: dict) -> dict:
-        return await self._call("ensure", lambda: self._store.ensure(ModelRef(**ref)).model_dump())
+    async def ensure(self, ref: dict) -> CachedFile | ErrorEvent:
+        return await self._call("ensure", lambda: self._store.ensure(ModelRef(**ref)))
 
-    async def status(self, ref: dict) -> dict:
-        return await self._call("status", lambda: self._store.status(ModelRef(**ref)).model_dump())
+    async def status(self, ref: dict) -> CacheStatus | ErrorEvent:
+        return await self._call("status", lambda: self._store.status(ModelRef(**ref)))
 
-    async def verify(self, ref: dict) -> dict:
-        return await self._call("verify", lambda: self._store.verify(ModelRef(**ref)).model_dump())
+    async def verify(self, ref: dict) -> CacheStatus | ErrorEvent:
+        return await self._call("verify", lambda: self._store.verify(ModelRef(**ref)))
 
-    async def heal(self, ref: dict) -> dict:
-        return await self._call("heal", lambda: self._store.heal(ModelRef(**ref)).model_dump())
+    async def heal(self, ref: dict) -> CachedFile | ErrorEvent:
+        return await self._call("heal", lambda: self._store.heal(ModelRef(**ref)))
 
-    async def invalidate(self, ref: dict) -> dict | None:
+    async def invalidate(self, ref: dict) -> None | ErrorEvent:
         return await self._call("invalidate", lambda: self._store.invalidate(ModelRef(**ref)))
 
-    async def list(self) -> list[dict] | dict:
-        return await self._call("list", lambda: [f.model_dump() for f in self._store.list()])
+    async def list(self) -> list[CachedFile] | ErrorEvent:
+        return await self._call("list", self._store.list)

@@ -16,7 +16,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import httpx2
@@ -27,6 +27,7 @@ from serve_app.cache.hub import (
     Location,
     RemoteFile,
     is_transient,
+    retry_policy,
     short_reason,
     to_serve_error,
     unreachable,
@@ -34,19 +35,11 @@ from serve_app.cache.hub import (
 from serve_app.cache.integrity import StreamHasher
 from serve_app.config import DownloadConfig
 from serve_app.errors import DownloadError, IntegrityError, ServeError
+from serve_app.retry import Deadline, DeadlineExceeded, RetriesExhausted, retry
 
 log = logging.getLogger("serve_app.cache")
 
 _LOG_EVERY_S = 5.0
-
-
-class Deadline:
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-        self._end = time.monotonic() + seconds
-
-    def remaining(self) -> float:
-        return self._end - time.monotonic()
 
 
 class _Corrupt(Exception):
@@ -55,10 +48,6 @@ class _Corrupt(Exception):
 
 class _Transient(Exception):
     """A server answer we can retry, such as a Content-Range that does not continue our partial file."""
-
-
-class _OutOfTime(Exception):
-    pass
 
 
 # ---- progress ------------------------------------------------------------------------------------------------
@@ -180,16 +169,14 @@ class FetchJob:
     progress: str = "auto"
     free_bytes: int | None = None
     on_corrupt: Callable[[], None] | None = None  # counts verification failures (metrics)
+    phase: str = field(default="hub", init=False)  # where the last attempt failed: "hub" (HEAD) or "body"
 
     @property
     def what(self) -> str:
         return f"{self.repo_id}/{self.remote.name}"
 
     def io_timeout(self) -> float:
-        remaining = self.deadline.remaining()
-        if remaining <= 0:
-            raise _OutOfTime()
-        return min(self.config.read_timeout_s, remaining)
+        return self.deadline.io_timeout(self.config.read_timeout_s)
 
 
 def download_verified(job: FetchJob) -> tuple[str, str]:
@@ -209,50 +196,53 @@ def download_verified(job: FetchJob) -> tuple[str, str]:
 
 
 def _attempts(job: FetchJob, part: PartialFile) -> str:
-    cfg = job.config
-    last: BaseException | None = None
-    phase = "hub"
-    for attempt in range(1, cfg.max_attempts + 1):
+    """``max_attempts`` tries under one deadline; a corrupt body is discarded and fetched again from byte 0."""
+
+    def attempt() -> str:
         try:
-            phase = "hub"
-            location = job.hub.locate(job.repo_id, job.remote.name, job.commit, timeout=job.io_timeout())
-            _check_advertised(job, location)
-            phase = "body"
-            _receive(job, location, part)
-            return part.verify()
-        except _OutOfTime:
-            raise DownloadError(f"Fetching {job.what} did not finish within {job.deadline.seconds:g} s") from last
-        except _Corrupt as exc:
+            return _attempt(job, part)
+        except _Corrupt:
             part.reset()
-            last = exc
             if job.on_corrupt is not None:
                 job.on_corrupt()
-        except Exception as exc:
-            if not (isinstance(exc, _Transient) or is_transient(exc)):
-                raise to_serve_error(exc, endpoint=job.hub.endpoint, repo_id=job.repo_id, revision=job.commit,
-                                     filename=job.remote.name) from exc
-            last = exc
-        delay = min(cfg.backoff_max_s, cfg.backoff_base_s * 2 ** (attempt - 1))
-        if attempt == cfg.max_attempts or delay >= job.deadline.remaining():
-            log.warning("%s: attempt %d/%d failed (%s)", job.what, attempt, cfg.max_attempts, _reason(last))
-            break
-        log.warning("%s: attempt %d/%d failed (%s); retrying in %.2g s", job.what, attempt, cfg.max_attempts,
-                    _reason(last), delay)
-        time.sleep(delay)
-    raise _final_error(job, last, phase, attempt)
+            raise
+
+    try:
+        return retry(attempt, retry_policy(job.config), job.deadline, retryable=_retryable, what=job.what,
+                     describe=_reason)
+    except DeadlineExceeded as exc:
+        raise DownloadError(f"Fetching {job.what} did not finish within {job.deadline.seconds:g} s") from exc
+    except RetriesExhausted as exc:
+        raise _final_error(job, exc.last, exc.attempts) from exc.last
+    except ServeError:
+        raise
+    except Exception as exc:  # permanent: one request, a typed error at once
+        raise to_serve_error(exc, endpoint=job.hub.endpoint, repo_id=job.repo_id, revision=job.commit,
+                             filename=job.remote.name) from exc
 
 
-def _reason(exc: BaseException | None) -> str:
-    if exc is None:
-        return "unknown"
+def _attempt(job: FetchJob, part: PartialFile) -> str:
+    job.phase = "hub"
+    location = job.hub.locate(job.repo_id, job.remote.name, job.commit, timeout=job.io_timeout())
+    _check_advertised(job, location)
+    job.phase = "body"
+    _receive(job, location, part)
+    return part.verify()
+
+
+def _retryable(exc: BaseException) -> bool:
+    return isinstance(exc, _Corrupt | _Transient) or is_transient(exc)
+
+
+def _reason(exc: BaseException) -> str:
     return str(exc) if isinstance(exc, _Corrupt | _Transient) else short_reason(exc)
 
 
-def _final_error(job: FetchJob, last: BaseException | None, phase: str, attempts: int) -> ServeError:
+def _final_error(job: FetchJob, last: BaseException, attempts: int) -> ServeError:
     tries = f"after {attempts} attempt{'s' if attempts != 1 else ''}"
     if isinstance(last, _Corrupt):
         return IntegrityError(f"{job.what} failed verification {tries}: {last}; nothing was published")
-    if phase == "hub" and last is not None and not isinstance(last, _Transient):
+    if job.phase == "hub" and not isinstance(last, _Transient):
         return unreachable(job.hub.endpoint, f"{_reason(last)} {tries}")
     return DownloadError(f"Downloading {job.what} failed {tries} ({_reason(last)})")
 
@@ -289,7 +279,7 @@ def _receive(job: FetchJob, location: Location, part: PartialFile) -> None:
                 if part.written > job.remote.size:
                     raise _Corrupt(f"the server sent more than the expected {job.remote.size} bytes")
                 if job.deadline.remaining() <= 0:
-                    raise _OutOfTime()
+                    raise DeadlineExceeded(f"the {job.deadline.seconds:g} s deadline passed")
         finally:
             progress.close()
 

@@ -4,6 +4,7 @@
 <cache_dir>/manifest.json                                 what is verified (see manifest.py)
 <cache_dir>/models/<owner>--<name>/<commit>/<filename>    published files (split parts side by side)
 <cache_dir>/.locks/<key-hash>.lock                        one flock per file (and manifest.lock)
+<cache_dir>/.records/<key-hash>.json                      each published file's record (see recovery.py)
 <cache_dir>/.staging/<key-hash>.<host>.<pid>.<rand>/      private download area of one attempt series
 ```
 
@@ -11,6 +12,10 @@ Several Ray replicas and RunPod workers (possibly on different hosts) share one 
 is only ever written while its file's lock is held, so any staging directory whose lock can be taken is an
 orphan of a killed process and is removed; no pid or age heuristics, which would be wrong across hosts.
 The kernel drops a flock when its holder dies, so a killed downloader never blocks the others.
+
+Nothing outside the cache directory is ever read as a model or deleted: the fixed directories above must be real
+directories (a symlinked ``.staging`` would turn the orphan sweep into a delete elsewhere), published paths are
+checked by ``contained_path`` and deletes by ``deletable_path``.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from collections.abc import Iterator
 from filelock import FileLock, Timeout
 
 from serve_app.cache.integrity import contained_path
-from serve_app.errors import DownloadError
+from serve_app.errors import DownloadError, IntegrityError
 
 log = logging.getLogger("serve_app.cache")
 
@@ -46,8 +51,11 @@ class Layout:
         self.manifest_path = os.path.join(self.root, "manifest.json")
         self.locks_dir = os.path.join(self.root, ".locks")
         self.staging_root = os.path.join(self.root, ".staging")
-        for d in (self.locks_dir, self.staging_root, os.path.join(self.root, "models")):
+        self.records_dir = os.path.join(self.root, ".records")
+        for d in (self.locks_dir, self.staging_root, self.records_dir, os.path.join(self.root, "models")):
             os.makedirs(d, exist_ok=True)
+            if os.path.realpath(d) != d:
+                raise IntegrityError(f"Refusing the cache directory {self.root}: {os.path.basename(d)} is a symlink")
 
     # ---- paths -------------------------------------------------------------------------------------------------
 
@@ -63,13 +71,25 @@ class Layout:
     def final_path(self, repo_id: str, commit: str, filename: str) -> str:
         return contained_path(self.root, self.relative_path(repo_id, commit, filename))
 
-    def absolute(self, stored_path: str) -> str:
-        """Manifest paths are relative to the volume (it may be mounted elsewhere on another worker)."""
-        return stored_path if os.path.isabs(stored_path) else contained_path(self.root, stored_path)
-
     def display_path(self, stored_path: str) -> str:
         """Absolute form of a manifest path for reporting; unchecked, so only for already-verified records."""
         return stored_path if os.path.isabs(stored_path) else os.path.join(self.root, stored_path)
+
+    def deletable_path(self, repo_id: str, commit: str, filename: str) -> str | None:
+        """The published path to unlink, or None when deleting there could touch anything outside the volume.
+
+        Unlike ``final_path`` the last component may be a symlink (``unlink`` removes the link itself), but no
+        directory on the way may be one, and a name that climbs out is refused.
+        """
+        candidate = os.path.normpath(os.path.join(self.root, self.relative_path(repo_id, commit, filename)))
+        models = os.path.join(self.root, "models")
+        if os.path.commonpath([models, candidate]) != models or candidate == models:
+            return None
+        parent = os.path.dirname(candidate)
+        return candidate if os.path.realpath(parent) == parent else None
+
+    def record_path(self, key: str) -> str:
+        return os.path.join(self.records_dir, f"{key_hash(key)}.json")
 
     def remove_empty_parents(self, path: str) -> None:
         models = os.path.join(self.root, "models")

@@ -8,12 +8,11 @@ path deliberately; inside the volume they never are.
 
 from __future__ import annotations
 
-import glob
 import os
 
-from serve_app.cache.hub import SPLIT_RE, is_glob, split_part_names
 from serve_app.cache.integrity import hash_file
 from serve_app.cache.manifest import FileRecord, Manifest, utc_now
+from serve_app.cache.names import glob_candidates, is_glob, names_hint, split_part_names
 from serve_app.errors import InvalidModelReferenceError, LocalFileNotFoundError
 
 
@@ -35,16 +34,21 @@ def local_parts(filename: str) -> list[str]:
 
 
 def _match(pattern: str) -> str:
-    found = sorted(glob.glob(pattern))
-    candidates = sorted({split_part_names(os.path.basename(p))[0] if SPLIT_RE.match(os.path.basename(p))
-                         else os.path.basename(p) for p in found})
+    """The one file a quant pattern in the last path component names (the same rule as for Hub files)."""
+    directory, wanted = os.path.split(pattern)
+    try:
+        names = [n for n in os.listdir(directory) if os.path.isfile(os.path.join(directory, n))
+                 and (wanted.startswith(".") or not n.startswith("."))]  # like a shell glob: no hidden files
+    except OSError:
+        names = []
+    candidates = glob_candidates(names, wanted)
     if not candidates:
         raise LocalFileNotFoundError(f"No local file matches {pattern!r}", param="filename")
     if len(candidates) > 1:
         raise InvalidModelReferenceError(
-            f"Pattern {pattern!r} matches {len(candidates)} files: {', '.join(candidates[:20])}", param="filename"
+            f"Pattern {pattern!r} matches {len(candidates)} files: {names_hint(candidates)}", param="filename"
         )
-    return os.path.join(os.path.dirname(pattern), candidates[0])
+    return os.path.join(directory, candidates[0])
 
 
 def local_records(parts: list[str], manifest: Manifest, *, rehash: bool) -> list[FileRecord]:

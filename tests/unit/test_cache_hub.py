@@ -1,17 +1,21 @@
 """Model references are validated before anything touches the network or the volume, and a filename, quant
-pattern or split part always resolves to exactly one set of repo files (or a typed error that lists what exists).
+pattern or split part always resolves to exactly one set of repo files (or a typed error that lists what exists);
+a quant pattern picks the same model among local files as among a repo's files; only network trouble and
+408/429/5xx answers count as transient.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx2
 import pytest
+from huggingface_hub.errors import HfHubHTTPError
 
-from serve_app.cache.hub import (
-    RemoteFile,
-    RepoListing,
-    is_transient,
-    select_files,
+from serve_app.cache.hub import RemoteFile, RepoListing, is_transient, select_files
+from serve_app.cache.local import local_parts
+from serve_app.cache.names import (
+    glob_candidates,
     split_part_names,
     validate_filename,
     validate_repo_id,
@@ -23,7 +27,7 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 def listing(*names: str) -> RepoListing:
-    return RepoListing("acme/m", "main", COMMIT, False, {n: RemoteFile(n, 10, "0" * 64) for n in names})
+    return RepoListing("acme/m", "main", COMMIT, {n: RemoteFile(n, 10, "0" * 64) for n in names})
 
 
 @pytest.mark.parametrize("repo_id", ["acme/tiny-gguf", "a/b", "Org_1/Model.v2-GGUF", "bartowski/Llama-3.2-1B-Instruct-GGUF"])
@@ -116,3 +120,20 @@ def test_transient_classification() -> None:
     assert is_transient(httpx2.RemoteProtocolError("dropped"))
     assert not is_transient(ValueError("bug"))
     assert not is_transient(InvalidModelReferenceError("bad"))
+
+
+def test_local_and_hub_patterns_pick_the_same_model(tmp_path: Path) -> None:
+    names = ["m-Q4_K_M.gguf", "m-Q8_0.gguf", "big-Q4_K_M-00001-of-00002.gguf", "big-Q4_K_M-00002-of-00002.gguf"]
+    for n in names:
+        (tmp_path / n).write_bytes(b"x")
+    for pattern in ("*Q8_0.gguf", "big-*"):
+        hub_pick = select_files(listing(*names), pattern)[0].name
+        assert glob_candidates(names, pattern) == [hub_pick]
+        assert local_parts(str(tmp_path / pattern))[0] == str(tmp_path / hub_pick)
+
+
+def test_permanent_http_errors_are_not_transient() -> None:
+    request = httpx2.Request("GET", "http://hub.invalid/x")
+    for status, transient in ((404, False), (410, False), (400, False), (403, False), (429, True), (503, True)):
+        err = HfHubHTTPError("x", response=httpx2.Response(status, request=request))
+        assert is_transient(err) is transient, status

@@ -1,6 +1,7 @@
 """Volume bookkeeping survives concurrency and crashes: manifest read-modify-writes never lose an entry and are
 atomic, a lock held by a SIGKILLed process does not block anyone, and orphaned staging directories are removed
-while a live download's staging directory is left alone.
+while a live download's staging directory is left alone; a manifest our writer would never produce is moved aside
+intact, never trusted.
 """
 
 from __future__ import annotations
@@ -29,16 +30,20 @@ def record(name: str) -> FileRecord:
                       verified_at=utc_now(), path=f"models/acme--m/{'c' * 40}/{name}", mtime_ns=1)
 
 
+KEY_A = record("a.gguf").key()  # the manifest refuses a key that does not match its record
+
+
 def test_manifest_is_indented_json_and_roundtrips(tmp_path: Path) -> None:
     layout = Layout(str(tmp_path))
     manifest = Manifest(layout.manifest_path, layout.lock_path("manifest"))
     assert manifest.read() == ManifestData()
     with manifest.update() as data:
-        data.files["k"] = record("a.gguf")
+        data.files[KEY_A] = record("a.gguf")
     text = Path(layout.manifest_path).read_text()
     assert text.startswith("{\n  ")
-    assert json.loads(text)["files"]["k"]["sha256"] == "0" * 64
-    assert manifest.read().files["k"] == record("a.gguf").model_copy(update={"verified_at": data.files["k"].verified_at})
+    assert json.loads(text)["files"][KEY_A]["sha256"] == "0" * 64
+    assert manifest.read().files[KEY_A] == record("a.gguf").model_copy(
+        update={"verified_at": data.files[KEY_A].verified_at})
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
 
 
@@ -49,7 +54,8 @@ def test_concurrent_updates_lose_nothing(tmp_path: Path) -> None:
         manifest = Manifest(layout.manifest_path, layout.lock_path("manifest"))
         for j in range(10):
             with manifest.update() as data:
-                data.files[f"{i}-{j}"] = record(f"{i}-{j}.gguf")
+                rec = record(f"{i}-{j}.gguf")
+                data.files[rec.key()] = rec
 
     threads = [threading.Thread(target=writer, args=(i,)) for i in range(6)]
     for t in threads:
@@ -65,8 +71,8 @@ def test_unreadable_manifest_starts_fresh(tmp_path: Path) -> None:
     manifest = Manifest(layout.manifest_path, layout.lock_path("manifest"))
     assert manifest.read().files == {}
     with manifest.update() as data:
-        data.files["k"] = record("a.gguf")
-    assert "k" in manifest.read().files
+        data.files[KEY_A] = record("a.gguf")
+    assert KEY_A in manifest.read().files
 
 
 def _hold_lock_in_child(lock_path: str) -> subprocess.Popen[str]:
@@ -116,3 +122,35 @@ def test_sweep_removes_orphans_but_not_live_staging(tmp_path: Path) -> None:
     assert result == [2]
     assert os.path.isdir(live)
     assert not os.path.exists(orphan) and not os.path.exists(mine)
+
+
+@pytest.mark.parametrize("damage", ["no_files", "absolute_path", "climbing_commit", "short_commit", "wrong_key",
+                                    "bad_sha256", "unknown_field", "wrong_version"])
+def test_manifest_schema_refuses_what_our_writer_never_writes(tmp_path: Path, damage: str) -> None:
+    layout = Layout(str(tmp_path))
+    manifest = Manifest(layout.manifest_path, layout.lock_path("manifest"))
+    rec = record("a.gguf").model_dump()
+    ref = {"repo_id": "acme/m", "requested": "a.gguf", "revision": "main", "commit": "c" * 40, "files": ["a.gguf"],
+           "resolved_at": utc_now()}
+    doc = {"version": 1, "files": {KEY_A: rec}, "refs": {"acme/m|a.gguf|main": ref}}
+    ManifestData.model_validate(doc)  # the undamaged document is valid
+    if damage == "no_files":
+        ref["files"] = []
+    elif damage == "absolute_path":
+        rec["path"] = "/etc/passwd"
+    elif damage == "climbing_commit":
+        rec["commit"] = ref["commit"] = "../../.."
+    elif damage == "short_commit":
+        ref["commit"] = "c" * 39
+    elif damage == "wrong_key":
+        doc["files"] = {"acme/m@" + "d" * 40 + "/a.gguf": rec}
+    elif damage == "bad_sha256":
+        rec["sha256"] = "Z" * 64
+    elif damage == "unknown_field":
+        rec["extra"] = 1
+    else:
+        doc["version"] = 2
+    Path(layout.manifest_path).write_text(json.dumps(doc))
+    assert manifest.read() == ManifestData()  # nothing to rebuild from: an empty manifest, not a trusted bad one
+    aside = [n for n in os.listdir(tmp_path) if n.startswith("manifest.json.corrupt-")]
+    assert len(aside) == 1 and json.loads((tmp_path / aside[0]).read_text()) == doc
