@@ -17,7 +17,7 @@ from typing import Any
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from serve_app.cache.reply import unwrap
+from serve_app.cache import CachedFile
 from serve_app.chat_template import ChatTemplate
 from serve_app.config import AppArgs
 from serve_app.engine import (
@@ -49,6 +49,7 @@ from serve_app.protocol import (
     Text,
     TokenizeCall,
     Tokens,
+    raise_if_error,
 )
 
 log = logging.getLogger("ray.serve")
@@ -73,7 +74,7 @@ class LlamaModel:
         self.template: ChatTemplate | None = None
         self.report: LoadReport | None = None
         self.phases: dict[str, float] = {}
-        self.file: dict[str, Any] | None = None
+        self.file: CachedFile | None = None
         self._t0 = time.perf_counter()
         self._first_token_logged = False
         self._batch_admission = False
@@ -88,17 +89,17 @@ class LlamaModel:
         ref = self.args.model.model_dump()
         try:
             t = time.perf_counter()
-            self.file = await self._cache_call("ensure", ref)
+            self.file = raise_if_error(await self.cache.ensure.remote(ref))
             self.phases["cache_s"] = time.perf_counter() - t
             try:
-                await self._load_file(self.file["path"])
+                await self._load_file(self.file.path)
             except ModelLoadError as e:
                 if type(e) is not ModelLoadError:
                     raise
                 # llama.cpp could not read the file: have the cache re-verify (and re-download) it once.
-                log.warning("llama.cpp could not load %s; asking ModelCache to re-verify it", self.file["path"])
-                self.file = await self._cache_call("heal", ref)
-                await self._load_file(self.file["path"])
+                log.warning("llama.cpp could not load %s; asking ModelCache to re-verify it", self.file.path)
+                self.file = raise_if_error(await self.cache.heal.remote(ref))
+                await self._load_file(self.file.path)
             self.state = "ready"
             self.phases["ready_s"] = time.perf_counter() - self._t0
             for k, v in self.phases.items():
@@ -111,13 +112,9 @@ class LlamaModel:
             self.state, self.reason = "failed", "load_failed: unexpected error (see the replica log)"
             log.exception("model %s failed to load", self.model_id)
 
-    async def _cache_call(self, method: str, ref: dict[str, Any]) -> dict[str, Any]:
-        result: dict[str, Any] = unwrap(await getattr(self.cache, method).remote(ref))
-        return result
-
     async def _load_file(self, path: str) -> None:
         assert self.file is not None
-        key = hashlib.sha256(f"{self.file.get('sha256')}|{path}".encode()).hexdigest()[:16]
+        key = hashlib.sha256(f"{self.file.sha256}|{path}".encode()).hexdigest()[:16]
         device = await asyncio.to_thread(device_name) if self.use_gpu else "cpu"
         profile = os.path.join(self.args.cache_dir, ".engine-profiles", f"{key}-{device}.json")
         t = time.perf_counter()
@@ -162,7 +159,8 @@ class LlamaModel:
 
     async def info(self) -> ModelInfo:
         info = ModelInfo(state=self.state, model=self.model_id, reason=self.reason, phases=self.phases,
-                         file=self.file, gpu_memory=gpu_memory() if self.use_gpu else None)
+                         file=self.file.model_dump() if self.file else None,
+                         gpu_memory=gpu_memory() if self.use_gpu else None)
         if self.engine is not None:
             st = self.engine.stats()
             info = info.model_copy(update=dict(
