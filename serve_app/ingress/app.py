@@ -20,7 +20,7 @@ from serve_app.errors import InvalidRequestError, ServeError
 from serve_app.routes import ROUTES, Route
 
 from .body import parse_json, read_body
-from .guard import GuardMiddleware, request_id
+from .guard import GuardMiddleware, id_to_echo, request_id
 from .openai import OpenAIService, Reply
 from .replies import SSEResponse, error_response, internal_error
 from .sse import EventStream
@@ -31,6 +31,8 @@ READY_RETRY_AFTER_S = "2"
 
 @dataclass(frozen=True)
 class Ctx:
+    """What every handler needs: the service, the body limit and whether the server is draining."""
+
     service: OpenAIService
     max_body_bytes: int
     is_shutting_down: Callable[[], bool]
@@ -42,10 +44,12 @@ class Ctx:
 Handler = Callable[[Ctx, Request, Route, str], Awaitable[Response]]
 
 
-def reply(out: Reply, rid: str) -> Response:
+def reply(out: Reply, request: Request) -> Response:
+    echo = id_to_echo(request.scope)
+    headers = {"X-Request-Id": echo} if echo else None
     if isinstance(out, EventStream):
-        return SSEResponse(out, headers={"X-Request-Id": rid})
-    return JSONResponse(out, headers={"X-Request-Id": rid})
+        return SSEResponse(out, headers=headers)
+    return JSONResponse(out, headers=headers)
 
 
 # ---- handlers: one per kind of route; ``route.name`` names the service method ----------------------------------
@@ -53,19 +57,19 @@ def reply(out: Reply, rid: str) -> Response:
 
 async def generate(ctx: Ctx, request: Request, route: Route, rid: str) -> Response:
     method = getattr(ctx.service, route.name)
-    return reply(await method(await ctx.json(request), f"{route.id_prefix}-{rid}"), rid)
+    return reply(await method(await ctx.json(request), f"{route.id_prefix}-{rid}"), request)
 
 
 async def convert(ctx: Ctx, request: Request, route: Route, rid: str) -> Response:
-    return reply(await getattr(ctx.service, route.name)(await ctx.json(request)), rid)
+    return reply(await getattr(ctx.service, route.name)(await ctx.json(request)), request)
 
 
 async def models(ctx: Ctx, request: Request, route: Route, rid: str) -> Response:
-    return reply(await ctx.service.models(), rid)
+    return reply(await ctx.service.models(), request)
 
 
 async def stats(ctx: Ctx, request: Request, route: Route, rid: str) -> Response:
-    return reply((await ctx.service.info()).model_dump(), rid)
+    return reply((await ctx.service.info()).model_dump(), request)
 
 
 async def health(ctx: Ctx, request: Request, route: Route, rid: str) -> Response:
@@ -84,7 +88,7 @@ async def ready(ctx: Ctx, request: Request, route: Route, rid: str) -> Response:
     if info.state == "ready" and ctx.is_shutting_down():
         body["status"] = "shutting_down"
     ok = body["status"] == "ready"
-    return JSONResponse(body, status_code=200 if ok else 503, headers={} if info.state == "ready" else retry)
+    return JSONResponse(body, status_code=200 if ok else 503, headers={} if ok else retry)
 
 
 HANDLERS: dict[str, Handler] = {
@@ -107,9 +111,9 @@ def endpoint(ctx: Ctx, route: Route, observe: Observer | None) -> Callable[[Requ
         try:
             resp = await handler(ctx, request, route, rid)
         except ServeError as e:
-            resp = error_response(e, rid)
+            resp = error_response(e, id_to_echo(request.scope))
         except Exception as e:  # never a traceback to the client
-            resp = error_response(internal_error(e, rid), rid)
+            resp = error_response(internal_error(e, rid), id_to_echo(request.scope))
         if observe is not None:
             observe(route.path, resp.status_code, (time.perf_counter() - t0) * 1e3)
         return resp
@@ -132,7 +136,7 @@ async def no_route(request: Request, exc: Exception) -> Response:
         err: ServeError = MethodNotAllowedError("method not allowed")
     else:
         err = NoRouteError(f"no route {request.method} {request.url.path}")
-    return error_response(err, request_id(request.scope))
+    return error_response(err, id_to_echo(request.scope))
 
 
 def build_asgi_app(service: OpenAIService, *, api_keys: list[str], max_body_bytes: int,

@@ -43,7 +43,7 @@ async def serve_http_host() -> tuple[str | None, str | None] | None:
         import ray
         from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 
-        controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        controller = await asyncio.to_thread(ray.get_actor, SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
         opts = await asyncio.wait_for(controller.get_http_config.remote(), LOOKUP_TIMEOUT_S)
         return opts.host, str(opts.location) if opts.location is not None else None
     except Exception as e:  # no Serve controller, or its API changed: say so, never fail the replica

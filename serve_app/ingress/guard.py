@@ -1,8 +1,9 @@
 """Cross-cutting HTTP concerns as pure ASGI middleware, before any route runs: the request id, API-key auth
 (constant-time compare), refusing new work while draining, and the declared body size.
 
-``X-Request-Id`` is client input that we echo in headers and response ids, so it is used only when it is a short
-plain token (``request_id``); anything else gets a fresh id.
+``X-Request-Id`` is client input that we echo in response ids and headers, so it is used only when it is a short
+plain token (``request_id``); anything else gets a fresh id. Serve's HTTP proxy echoes the header the request
+carried on every reply by itself (and gives one to requests without it), so we add ours only when it differs.
 """
 
 from __future__ import annotations
@@ -28,14 +29,23 @@ def acceptable_id(given: str | None) -> str | None:
     return given if given and ACCEPTABLE_ID.fullmatch(given) else None
 
 
+def _carried(scope: Scope) -> str:
+    return next((v for k, v in scope.get("headers", []) if k.lower() == b"x-request-id"), b"").decode("latin-1")
+
+
 def request_id(scope: Scope) -> str:
-    """This request's id: the client's ``X-Request-Id`` when acceptable, else a fresh one; fixed per request."""
+    """This request's id: the ``X-Request-Id`` it carried when acceptable, else a fresh one; fixed per request."""
     rid: str | None = scope.get(_SCOPE_KEY)
     if rid is None:
-        given = next((v for k, v in scope.get("headers", []) if k.lower() == b"x-request-id"), b"")
-        rid = acceptable_id(given.decode("latin-1")) or uuid.uuid4().hex
+        rid = acceptable_id(_carried(scope)) or uuid.uuid4().hex
         scope[_SCOPE_KEY] = rid
     return rid
+
+
+def id_to_echo(scope: Scope) -> str | None:
+    """The request id for our ``X-Request-Id`` reply header: only one the request did not carry itself."""
+    rid = request_id(scope)
+    return None if rid == _carried(scope) else rid
 
 
 def route_path(scope: Scope) -> str:
@@ -58,7 +68,7 @@ class GuardMiddleware:
             return
         refusal = self._refusal(scope)
         if refusal is not None:
-            await error_response(refusal, request_id(scope))(scope, receive, send)
+            await error_response(refusal, id_to_echo(scope))(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
