@@ -1,7 +1,7 @@
 """The OpenAI-compatible service: one code path for HTTP routes and RunPod jobs.
 
-Each method checks and validates a raw body, calls LlamaModel through its handle, and returns an OpenAI response
-dict or, streaming, an ``EventStream`` of SSE strings. Errors are raised as typed ``ServeError``s; each transport
+Each method that takes a body checks and validates it (``parse``), calls LlamaModel through its handle, and returns
+an OpenAI response dict or, streaming, an ``EventStream`` of SSE strings. Errors are raised as typed ``ServeError``s; each transport
 has one translator for them (``replies``).
 """
 
