@@ -101,8 +101,7 @@ class Ingress:
         if entry.id_prefix is None:
             out: dict[str, Any] = await getattr(self.service, entry.name)()
             return out
-        body = dict(body or {}) if isinstance(body, dict) or body is None else body
-        if isinstance(body, dict):
-            body["stream"] = stream
+        if isinstance(body, dict) or body is None:  # anything else is refused by the service's own check
+            body = {**(body or {}), "stream": stream}
         reply: Reply = await getattr(self.service, entry.name)(body, acceptable_id(request_id))
         return reply
