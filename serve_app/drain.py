@@ -16,13 +16,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m serve_app.drain", description=__doc__.splitlines()[0])
     ap.add_argument("--app", default="llm")
     ap.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for in-flight generations")
-    ap.add_argument("--address", default="auto", help="Ray cluster address (RAY_ADDRESS)")
+    ap.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else auto)")
     a = ap.parse_args(argv)
     import ray
     from ray import serve
 
+    from serve_app.settings import Settings
+
     try:
-        ray.init(address=a.address, log_to_driver=False, configure_logging=False)
+        ray.init(address=a.address or Settings().address(), log_to_driver=False, configure_logging=False)
         result = serve.get_app_handle(a.app).drain.remote(a.timeout).result(timeout_s=a.timeout + 30)
         serve.delete(a.app)
     except Exception as e:  # one readable line for operators, no traceback

@@ -1,7 +1,8 @@
-"""Wire models: OpenAI requests/responses, our SamplingParams, engine results. pydantic + stdlib only.
+"""Wire models: the OpenAI requests, each converting itself to our ``SamplingParams``, and the small response
+helpers. pydantic, stdlib and ``serve_app.protocol`` only.
 
-Requests are tolerant (unknown OpenAI fields are accepted and reported through ``unknown_fields`` so the ingress
-can log them); our own internal models are strict.
+Requests are tolerant: unknown OpenAI fields are accepted and reported through ``unknown_fields`` so the ingress
+can log them.
 """
 
 from __future__ import annotations

@@ -4,7 +4,6 @@ same ``OpenAIService`` code path (the worker never speaks HTTP to us)."""
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,27 +13,32 @@ from starlette.types import ASGIApp
 
 from serve_app.errors import InvalidRequestError, ServeError, ShuttingDownError
 from serve_app.metrics import IngressMetrics
+from serve_app.routes import BY_PATH, OPENAI_ROUTES
+from serve_app.settings import Settings
 
 from .app import build_asgi_app
-from .openai import OpenAIService, error_body
-
-ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models")
+from .exposure import warn_if_exposed
+from .guard import acceptable_id
+from .openai import OpenAIService, Reply
+from .replies import error_body
+from .sse import EventStream
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024, graceful_shutdown_timeout_s=30)
 @serve.ingress()
 class Ingress:
-    def __init__(self, model: DeploymentHandle, model_id: str, server: dict[str, Any], default_max_tokens: int) -> None:
+    async def __init__(self, model: DeploymentHandle, model_id: str, server: dict[str, Any],
+                       default_max_tokens: int) -> None:
         if server.get("low_latency", True):
             # By value over Ray Serve's replica-to-replica gRPC channel instead of through the object store: about
             # 1 ms less each way per request and per streamed item (measured; see README).
             model = model.options(_by_reference=False)
         self.service = OpenAIService(model, model_id, default_max_tokens)
-        env_keys = [k.strip() for k in os.environ.get("GGUF_SERVE_API_KEYS", "").split(",") if k.strip()]
-        self.api_keys = list(server.get("api_keys") or []) + env_keys
+        self.api_keys = list(server.get("api_keys") or []) + list(Settings().api_keys)
         self.max_body_bytes = int(server.get("max_body_bytes") or 4 * 1024 * 1024)
         self.metrics = IngressMetrics()
         self.draining = False
+        await warn_if_exposed(len(self.api_keys))
 
     def __serve_build_asgi_app__(self) -> ASGIApp:
         return build_asgi_app(self.service, api_keys=self.api_keys, max_body_bytes=self.max_body_bytes,
@@ -62,10 +66,12 @@ class Ingress:
         """One OpenAI call, non-streaming; errors come back as ``{"error": {...}}`` values."""
         try:
             out = await self._dispatch(route, body, request_id, stream=False)
-            assert isinstance(out, dict)
-            return out
         except ServeError as e:
             return error_body(e)
+        if isinstance(out, EventStream):  # not reached: stream=False was forced
+            out.close()
+            return error_body(ServeError("internal error: a stream where a response was expected"))
+        return out
 
     async def openai_stream(self, route: str, body: dict[str, Any],
                             request_id: str | None = None) -> AsyncIterator[str | dict[str, Any]]:
@@ -78,20 +84,24 @@ class Ingress:
         if isinstance(out, dict):
             yield out
             return
-        async for chunk in out:
-            yield chunk
+        try:
+            async for chunk in out:
+                yield chunk
+        finally:
+            out.close()
 
     async def _dispatch(self, route: str, body: dict[str, Any] | None, request_id: str | None,
-                        stream: bool) -> dict[str, Any] | AsyncIterator[str]:
+                        stream: bool) -> Reply:
         if self.draining:
             raise ShuttingDownError("the server is shutting down; retry on another worker")
-        if route == "/v1/models":
-            return await self.service.models()
-        body = dict(body or {})
-        body["stream"] = stream
-        if route == "/v1/chat/completions":
-            return await self.service.chat(body, request_id)
-        if route == "/v1/completions":
-            return await self.service.completions(body, request_id)
-        raise InvalidRequestError(f"unsupported openai_route '{route}'; supported: {', '.join(ROUTES)}",
-                                  param="openai_route")
+        if route not in OPENAI_ROUTES:
+            raise InvalidRequestError(f"unsupported openai_route '{route}'; supported: {', '.join(OPENAI_ROUTES)}",
+                                      param="openai_route")
+        entry = BY_PATH[route]
+        if entry.id_prefix is None:
+            out: dict[str, Any] = await getattr(self.service, entry.name)()
+            return out
+        if isinstance(body, dict) or body is None:  # anything else is refused by the service's own check
+            body = {**(body or {}), "stream": stream}
+        reply: Reply = await getattr(self.service, entry.name)(body, acceptable_id(request_id))
+        return reply

@@ -1,23 +1,21 @@
 """The OpenAI-compatible service: one code path for HTTP routes and RunPod jobs.
 
-Each method validates a raw body with pydantic, calls LlamaModel through its handle, and returns either an
-OpenAI response dict or (streaming) an async iterator of SSE ``data:`` strings. Errors are raised as typed
-``ServeError``s; each transport has one translator for them.
+Each method that takes a body checks and validates it (``parse``), calls LlamaModel through its handle, and returns
+an OpenAI response dict or, streaming, an ``EventStream`` of SSE strings. Errors are raised as typed ``ServeError``s; each transport
+has one translator for them (``replies``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import Awaitable
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from serve_app.errors import InvalidRequestError, ModelNotFoundError, NotReadyError, ServeError
+from serve_app.errors import InvalidRequestError, ModelNotFoundError, NotReadyError, invalid_request
 from serve_app.protocol import (
-    Delta,
     DetokenizeCall,
     Done,
     ErrorEvent,
@@ -29,6 +27,7 @@ from serve_app.protocol import (
     raise_if_error,
 )
 from serve_app.ray_errors import ray_failure
+from serve_app.routes import BY_PATH, CHAT, COMPLETIONS
 from serve_app.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -39,25 +38,27 @@ from serve_app.schemas import (
     now,
 )
 
+from .body import check_json
+from .sse import ChunkMaker, EventStream
+
 log = logging.getLogger("ray.serve")
 
-DONE = "data: [DONE]\n\n"
 INFO_TIMEOUT_S = 3.0
+CHAT_PREFIX = str(BY_PATH[CHAT].id_prefix)
+COMPLETION_PREFIX = str(BY_PATH[COMPLETIONS].id_prefix)
 
-
-def sse(obj: dict[str, Any]) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+Reply = dict[str, Any] | EventStream
 
 
 def parse(model_cls: type[BaseModel], body: Any) -> Any:
+    """A raw body (from HTTP or a RunPod job) as a request model. Unknown OpenAI fields are accepted and logged."""
     if not isinstance(body, dict):
         raise InvalidRequestError("the request body must be a JSON object")
+    check_json(body)
     try:
         req = model_cls.model_validate(body)
     except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"]) or None
-        raise InvalidRequestError(f"{loc + ': ' if loc else ''}{err['msg']}", param=loc) from None
+        raise invalid_request(e) from None
     unknown = req.unknown_fields() if hasattr(req, "unknown_fields") else []
     if unknown:
         log.info("ignoring unsupported request fields: %s", ", ".join(unknown))
@@ -113,18 +114,18 @@ class OpenAIService:
 
     # ---- generation ----------------------------------------------------------------------------------------
 
-    async def chat(self, body: Any, request_id: str | None = None) -> dict[str, Any] | AsyncIterator[str]:
+    async def chat(self, body: Any, request_id: str | None = None) -> Reply:
         req: ChatCompletionRequest = parse(ChatCompletionRequest, body)
         self._check_model(req.model)
-        gen = GenerateRequest(label=request_id or new_id("chatcmpl"), messages=_messages(req.messages),
+        gen = GenerateRequest(label=request_id or new_id(CHAT_PREFIX), messages=_messages(req.messages),
                               params=req.to_sampling_params(self.default_max_tokens), stream=req.stream)
         return await self._run(gen, chat=True, include_usage=req.include_usage)
 
-    async def completions(self, body: Any, request_id: str | None = None) -> dict[str, Any] | AsyncIterator[str]:
+    async def completions(self, body: Any, request_id: str | None = None) -> Reply:
         req: CompletionRequest = parse(CompletionRequest, body)
         self._check_model(req.model)
         prompt = req.prompt_value()
-        gen = GenerateRequest(label=request_id or new_id("cmpl"),
+        gen = GenerateRequest(label=request_id or new_id(COMPLETION_PREFIX),
                               prompt=tuple(prompt) if isinstance(prompt, list) else prompt,
                               params=req.to_sampling_params(self.default_max_tokens), stream=req.stream)
         return await self._run(gen, chat=False, include_usage=req.include_usage)
@@ -134,7 +135,7 @@ class OpenAIService:
             raise ModelNotFoundError(f"model '{model}' is not served here; available: '{self.model_id}'",
                                      param="model")
 
-    async def _run(self, req: GenerateRequest, *, chat: bool, include_usage: bool) -> dict[str, Any] | AsyncIterator[str]:
+    async def _run(self, req: GenerateRequest, *, chat: bool, include_usage: bool) -> Reply:
         if not req.stream:
             done: Done = raise_if_error(await _call(self.model.complete.remote(req)))
             return self._full_response(req.label, done, chat)
@@ -143,10 +144,13 @@ class OpenAIService:
             first: Event = await _call(gen.__anext__())
         except StopAsyncIteration:
             raise NotReadyError("the model closed the stream before it started") from None
+        except BaseException:  # cancelled (the client left) or failed before the first event: free the slot
+            gen.cancel()
+            raise
         if isinstance(first, ErrorEvent):
             gen.cancel()
             raise first.error
-        return self._sse(req.label, first, gen, chat, include_usage)
+        return EventStream(gen, first, ChunkMaker(req.label, self.model_id, now(), chat), include_usage)
 
     def _full_response(self, rid: str, done: Done, chat: bool) -> dict[str, Any]:
         text = done.text or ""
@@ -159,63 +163,6 @@ class OpenAIService:
                 "model": self.model_id, "choices": [choice], "usage": done.usage.model_dump(),
                 "timings": done.timings.model_dump()}
 
-    async def _sse(self, rid: str, first: Event, gen: Any, chat: bool,
-                   include_usage: bool) -> AsyncIterator[str]:
-        created = now()
-        obj = "chat.completion.chunk" if chat else "text_completion"
-
-        def chunk(text: str | None, finish: str | None, **extra: Any) -> dict[str, Any]:
-            if chat:
-                delta: dict[str, Any] = {} if text is None else {"content": text}
-                c: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-            else:
-                c = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-            return {"id": rid, "object": obj, "created": created, "model": self.model_id, "choices": [c], **extra}
-
-        finished = False
-        try:
-            if chat:
-                head = chunk(None, None)
-                head["choices"][0]["delta"] = {"role": "assistant", "content": ""}
-                yield sse(head)
-            ev: Event | None = first
-            while ev is not None:
-                if isinstance(ev, Delta):
-                    if ev.text:
-                        yield sse(chunk(ev.text, None))
-                elif isinstance(ev, Done):
-                    yield sse(chunk(None, ev.finish_reason, timings=ev.timings.model_dump()))
-                    if include_usage:
-                        yield sse({"id": rid, "object": obj, "created": created, "model": self.model_id,
-                                   "choices": [], "usage": ev.usage.model_dump()})
-                    break
-                else:
-                    yield sse(error_body(ev.error))
-                    break
-                ev = await self._next_event(rid, gen)
-            finished = True
-            yield DONE
-        finally:
-            if not finished:  # the client went away: stop generating (frees the slot within one step)
-                gen.cancel()
-
-    @staticmethod
-    async def _next_event(rid: str, gen: Any) -> Event | None:
-        """The next event, or an ``ErrorEvent`` when the stream itself broke (the model's replica died
-        mid-generation): the client gets an error chunk and ``[DONE]``, as from vLLM, not a cut connection."""
-        try:
-            ev: Event | None = await _call(anext(gen, None))
-            return ev
-        except ServeError as e:
-            return ErrorEvent(e)
-        except Exception as e:
-            log.error("stream %s failed: %s: %s", rid, type(e).__name__, e, exc_info=e)
-            return ErrorEvent(ServeError(f"internal error (request id {rid})"))
-
 
 def _messages(messages: list[Any]) -> tuple[Message, ...]:
     return tuple(Message(role=m.role, content=m.text()) for m in messages)
-
-
-def error_body(err: ServeError) -> dict[str, Any]:
-    return {"error": err.to_dict()}
