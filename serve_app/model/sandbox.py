@@ -10,6 +10,7 @@ stops itself and gives its thread back.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -105,6 +106,16 @@ def _check_replace(s: Any, args: tuple[Any, ...]) -> None:
         _check_size(len(s) + count * grows, "replace")
 
 
+def _materialized(value: Any) -> Any:
+    """An iterator (``map``, ``select``...) as a list, so its size can be checked before it is joined."""
+    if isinstance(value, str | bytes | list | tuple | dict) or not hasattr(value, "__iter__"):
+        return value
+    items = list(itertools.islice(value, MAX_RANGE + 1))
+    if len(items) > MAX_RANGE:
+        raise SecurityError(f"joining more than {MAX_RANGE} items is not allowed")
+    return items
+
+
 def _precheck(name: str, obj: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     """Refuse a filter or string method call whose result would be too large, before it allocates."""
     check_deadline()
@@ -115,8 +126,10 @@ def _precheck(name: str, obj: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     elif name == "replace":
         _check_replace(obj, args)
     elif name == "join":
-        sep = args[0] if args and isinstance(args[0], str) else ""
-        _check_size(size_of(obj) * (1 + len(sep)), "join")
+        # The filter joins its value with an optional separator; the method joins its argument with its string.
+        items, sep = (args[0], obj) if isinstance(obj, str) and args else (obj, args[0] if args else "")
+        n = len(items) if isinstance(items, list | tuple | dict | str) else 0
+        _check_size(size_of(items) + n * len(sep if isinstance(sep, str) else ""), "join")
     for value in (*args, *kwargs.values()):
         _check_size(size_of(value), name)
 
@@ -125,6 +138,8 @@ def _bounded_filter(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     def bounded(*args: Any, **kwargs: Any) -> Any:
         # Filters with pass_context / pass_environment get that first; the filtered value follows.
         offset = 1 if getattr(fn, "jinja_pass_arg", None) is not None else 0
+        if name == "join" and len(args) > offset:
+            args = (*args[:offset], _materialized(args[offset]), *args[offset + 1:])
         value, rest = (args[offset], args[offset + 1:]) if len(args) > offset else (None, ())
         _precheck(name, value, rest, kwargs)
         return fn(*args, **kwargs)
@@ -204,6 +219,8 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
         name = getattr(__obj, "__name__", "")
         if isinstance(getattr(__obj, "__self__", None), str):
+            if name == "join" and args:
+                args = (_materialized(args[0]), *args[1:])
             _precheck(name, __obj.__self__, args, kwargs)
         else:
             check_deadline()

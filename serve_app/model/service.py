@@ -71,7 +71,10 @@ class ModelService:
 
     def close(self) -> None:
         for task in self._tasks:
-            task.cancel()
+            try:
+                task.cancel()
+            except RuntimeError:  # the loop is already closed: nothing left to cancel
+                pass
         self.loader.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
 

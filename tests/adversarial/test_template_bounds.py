@@ -58,6 +58,8 @@ HOSTILE = {
     "doubling_with_plus": "{% set ns = namespace(s='x' * 1000) %}{% for i in range(40) %}"
                           "{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s|length }}",
     "join_of_repeated_list": "{{ (['x' * 1000000] * 100000)|join }}",
+    "join_filter_with_a_big_separator": "{{ range(100000)|map('string')|join('x' * 4000000) }}",
+    "join_method_with_a_big_separator": "{% set sep = 'x' * 4000000 %}{{ sep.join(range(100000)|map('string')) }}",
     "str_format_width": "{{ '{:>10000000000}'.format('x') }}",
     "percent_format_width": "{{ '%010000000000d' % 1 }}",
     "replace_growth": "{% set s = 'a' * 1000000 %}{{ s.replace('a', s)|length }}",
@@ -126,3 +128,5 @@ def test_ordinary_templates_still_render() -> None:
            "{{ ', '.join(['a', 'b']) }}{{ range(3)|list|length }}{{ (messages|tojson(indent=2))[:1] }}")
     out = ChatTemplate(src, "", "").render([{"role": "user", "content": " hi "}, {"role": "assistant", "content": "ok"}])
     assert out == "USER: hello\n\nASSISTANT: okend-3a, b3["
+    many = [{"role": "user", "content": "w" * 4000}] * 1000  # 4 MB of content joined with a separator: allowed
+    assert len(ChatTemplate("{{ messages|map(attribute='content')|join('\n') }}", "", "").render(many[:900])) > 3_000_000
