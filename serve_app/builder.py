@@ -16,7 +16,7 @@ from ray import serve
 from serve_app.cache.deployment import ModelCache
 from serve_app.config import AppArgs
 from serve_app.ingress.deployment import Ingress
-from serve_app.llama_model import LlamaModel
+from serve_app.model.deployment import LlamaModel
 
 log = logging.getLogger("ray.serve")
 
@@ -60,11 +60,15 @@ def token_path_actor_options(args: AppArgs, num_cpus: float, num_gpus: float = 0
 
 
 def llama_model_options(args: AppArgs, use_gpu: bool) -> dict[str, Any]:
+    """Every LlamaModel option (its decorator sets none), so a ``deployments:`` entry of the Serve config
+    overrides exactly these."""
     return {
         "ray_actor_options": token_path_actor_options(args, 1, 1 if use_gpu else 0),
         # Above slots + queue, so the engine (not Ray) decides when to answer 429.
         "max_ongoing_requests": args.engine.n_parallel + args.engine.max_queue + 8,
         "user_config": args.batching.model_dump(),
+        "health_check_period_s": 10,
+        "graceful_shutdown_timeout_s": 30,
     }
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from serve_app.chat_template import FALLBACK_TEMPLATE, ChatTemplate
 from serve_app.errors import InvalidRequestError
+from serve_app.model.chat_template import FALLBACK_TEMPLATE, ChatTemplate
 from tests.support.gguf_factory import CHATML_TEMPLATE
 
 MSGS = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]

@@ -1,0 +1,225 @@
+"""Seed process 3, inference: request -> prompt -> engine -> events; plus the state and counters LlamaModel
+reports. A plain class (the deployment wraps it), so its logic is tested with a fake engine, without Ray.
+
+The replica's event loop carries every stream, so nothing blocking runs on it: template rendering, tokenizing
+and detokenizing go to a small thread pool (a flood of large ``/tokenize`` calls waits there, not in front of the
+streams), and the engine runs on its own thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from serve_app.config import AppArgs
+from serve_app.engine import RequestStream, gpu_memory
+from serve_app.errors import EngineDeadError, NotReadyError, QueueFullError, ServeError
+from serve_app.metrics import ModelMetrics
+from serve_app.protocol import (
+    Delta,
+    DetokenizeCall,
+    Done,
+    ErrorEvent,
+    Event,
+    GenerateRequest,
+    ModelInfo,
+    Text,
+    TokenizeCall,
+    Tokens,
+)
+
+from .loading import EngineFactory, FetchFile, Loaded, Loader, default_engine_factory
+
+log = logging.getLogger("ray.serve")
+T = TypeVar("T")
+Admit = Callable[[RequestStream], Awaitable[ServeError | None]]
+PROMPT_THREADS = 2
+
+
+class ModelService:
+    def __init__(self, args: AppArgs, fetch: FetchFile, use_gpu: bool,
+                 engine_factory: EngineFactory = default_engine_factory, metrics: ModelMetrics | None = None) -> None:
+        self.args = args
+        self.model_id = args.model_name()
+        self.use_gpu = use_gpu
+        self.loader = Loader(args, fetch, use_gpu, engine_factory)
+        self.metrics = metrics
+        self.batched_admit: Admit | None = None  # set while a @serve.batch admission window is configured
+        self._pool = ThreadPoolExecutor(max_workers=PROMPT_THREADS, thread_name_prefix="prompt")
+        self._first_token_logged = False
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        """Begin loading (and metric reporting) on the running loop; returns at once."""
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self._load()))
+        if self.metrics is not None:
+            self._tasks.append(loop.create_task(self._report_gauges(self.metrics)))
+
+    async def _load(self) -> None:
+        await self.loader.run()
+        if self.metrics is not None:
+            for k, v in self.loader.phases.items():
+                self.metrics.phase.set(v, tags={"phase": k})
+
+    def health_problem(self) -> str | None:
+        return self.loader.health_problem()
+
+    def close(self) -> None:
+        for task in self._tasks:
+            try:
+                task.cancel()
+            except RuntimeError:  # the loop is already closed: nothing left to cancel
+                pass
+        self.loader.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # ---- the handle API --------------------------------------------------------------------------------------
+
+    async def info(self) -> ModelInfo:
+        ld = self.loader
+        ld.check_engine()
+        info = ModelInfo(state=ld.state, model=self.model_id, reason=ld.reason, phases=ld.phases, file=ld.file.model_dump() if ld.file else None,
+                         gpu_memory=await asyncio.to_thread(gpu_memory) if self.use_gpu else None)
+        if ld.loaded is not None:
+            st = ld.loaded.engine.stats()
+            info = info.model_copy(update=dict(
+                n_ctx_seq=ld.loaded.engine.n_ctx_seq, slots_total=st.slots_total, slots_busy=st.slots_busy,
+                waiting=st.waiting, kv_cells_used=st.kv_cells_used, kv_cells_total=st.kv_cells_total,
+                tokens_generated=st.tokens_generated, tokens_prompt=st.tokens_prompt, preemptions=st.preemptions,
+                plan=ld.loaded.report.plan))
+        return info
+
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[Event]:
+        """The events of one request: ``Delta`` ... then ``Done`` or ``ErrorEvent`` (errors are values: they
+        cross Ray without traceback wrapping). With ``req.stream`` False the text comes as one ``Delta``."""
+        try:
+            stream = await self._start(req)
+        except ServeError as e:
+            yield ErrorEvent(e)
+            return
+        try:
+            async for ev in stream.events():
+                if isinstance(ev, Done):
+                    self._observe(ev)
+                yield ev
+        finally:
+            stream.close()
+
+    async def complete(self, req: GenerateRequest) -> Done | ErrorEvent:
+        """Non-streaming: ``Done`` with the whole ``text``, or ``ErrorEvent``."""
+        parts: list[str] = []
+        async for ev in self.generate(req.model_copy(update={"stream": False})):
+            if isinstance(ev, Delta):
+                parts.append(ev.text)
+            elif isinstance(ev, Done):
+                ev.text = "".join(parts)
+                return ev
+            else:
+                return ev
+        return ErrorEvent(ServeError("generation ended without a result"))
+
+    async def tokenize(self, call: TokenizeCall) -> Tokens | ErrorEvent:
+        try:
+            p = self._ready().prompts
+            if call.messages is not None:
+                tokens = await self._off_loop(p.chat_tokens, call.messages)
+            else:
+                tokens = await self._off_loop(p.text_tokens, call.text or "", call.add_special)
+            return Tokens(tokens=tuple(tokens))
+        except ServeError as e:
+            return ErrorEvent(e)
+
+    async def detokenize(self, call: DetokenizeCall) -> Text | ErrorEvent:
+        try:
+            return Text(content=await self._off_loop(self._ready().prompts.detokenize, call.tokens))
+        except ServeError as e:
+            return ErrorEvent(e)
+
+    # ---- internals -----------------------------------------------------------------------------------------
+
+    def _ready(self) -> Loaded:
+        loaded = self.loader.loaded
+        if loaded is not None and loaded.engine.dead:
+            self.loader.check_engine()
+            raise EngineDeadError("the engine stopped; retry shortly")
+        if self.loader.state != "ready" or loaded is None:
+            raise NotReadyError(f"the model is {self.loader.state}; retry shortly")
+        return self.loader.loaded
+
+    async def _off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def _start(self, req: GenerateRequest) -> RequestStream:
+        loaded = self._ready()
+        tokens = await self._off_loop(loaded.prompts.request_tokens, req)
+        rs = RequestStream(req.label, tokens, loaded.prompts.sampling(req), stream=req.stream)
+        try:
+            if self.batched_admit is not None:
+                err = await self.batched_admit(rs)
+                if err is not None:
+                    raise err
+            else:
+                loaded.engine.submit([rs.request])
+        except BaseException:
+            # The caller went away (cancelled) or admission failed: the batch may have submitted the request
+            # already, so cancel it rather than leave its slot busy until max_tokens (a key never given is a no-op).
+            rs.close()
+            rs.bind(loaded.engine)
+            raise
+        rs.bind(loaded.engine)
+        return rs
+
+    def submit_together(self, streams: list[RequestStream]) -> list[ServeError | None]:
+        """Admit ``streams`` in one engine command (their prompts then prefill in one step); when they do not all
+        fit, each one on its own, so one full queue does not fail the rest. One result per stream."""
+        engine = self._ready().engine
+        try:
+            engine.submit([s.request for s in streams])
+            return [None] * len(streams)
+        except QueueFullError:
+            out: list[ServeError | None] = []
+            for s in streams:
+                try:
+                    engine.submit([s.request])
+                    out.append(None)
+                except ServeError as e:
+                    out.append(e)
+            return out
+        except ServeError as e:
+            return [e] * len(streams)
+
+    def _observe(self, done: Done) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_finish(done)
+        if not self._first_token_logged and done.usage.completion_tokens:
+            # Cold start ends with the first token served, not with the weights loaded (seed process 6).
+            self._first_token_logged = True
+            first = self.loader.phases["first_token_s"] = time.perf_counter() - self.loader.t0
+            if self.metrics is not None:
+                self.metrics.phase.set(first, tags={"phase": "first_token_s"})
+            log.info("first token served %.2f s after the replica started", first)
+
+    async def _report_gauges(self, m: ModelMetrics) -> None:
+        while True:
+            try:
+                loaded = self.loader.loaded
+                if loaded is not None:
+                    st = loaded.engine.stats()
+                    m.queue_depth.set(st.waiting)
+                    m.slots_busy.set(st.slots_busy)
+                    m.slots_free.set(st.slots_total - st.slots_busy)
+                    m.kv_used.set(st.kv_cells_used)
+                    m.kv_ratio.set(st.kv_cells_used / max(1, st.kv_cells_total))
+                if self.use_gpu:
+                    mem = await asyncio.to_thread(gpu_memory)
+                    if mem:
+                        m.gpu_used.set(mem["used_bytes"])
+                        m.gpu_total.set(mem["total_bytes"])
+            except Exception:  # metrics must never take the replica down
+                log.debug("gauge update failed", exc_info=True)
+            await asyncio.sleep(1.0)
