@@ -7,16 +7,17 @@ rejected). No ``from __future__ import annotations`` here: Ray reads the annotat
 """
 
 import logging
-import os
 from typing import Any
 
 import ray
 from ray import serve
 
+from serve_app.cache.deployment import MAX_ONGOING as CACHE_MAX_ONGOING
 from serve_app.cache.deployment import ModelCache
 from serve_app.config import AppArgs
 from serve_app.ingress.deployment import Ingress
 from serve_app.model.deployment import LlamaModel
+from serve_app.settings import Settings
 
 log = logging.getLogger("ray.serve")
 
@@ -45,7 +46,7 @@ def resolve_accelerator(args: AppArgs) -> bool:
 # that cost ~2-4 ms of time to first token here, and both deployments keep blocking work off their loop (the
 # engine has its own thread), so they run on the replica's main loop. ModelCache hashes files and keeps the default.
 # These are Ray Serve's documented throughput-mode switches (RAY_SERVE_THROUGHPUT_OPTIMIZED sets them too); a
-# value already in the environment wins.
+# value already in the environment wins (``Settings.ray_serve_loop_overrides``).
 LOW_LATENCY_ENV = {
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
@@ -55,8 +56,19 @@ LOW_LATENCY_ENV = {
 def token_path_actor_options(args: AppArgs, num_cpus: float, num_gpus: float = 0) -> dict[str, Any]:
     opts: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus}
     if args.server.low_latency:
-        opts["runtime_env"] = {"env_vars": {k: os.environ.get(k, v) for k, v in LOW_LATENCY_ENV.items()}}
+        opts["runtime_env"] = {"env_vars": {**LOW_LATENCY_ENV, **Settings().ray_serve_loop_overrides()}}
     return opts
+
+
+def model_cache_options() -> dict[str, Any]:
+    """Every ModelCache option (its decorator sets none): light (0 CPU), its blocking work in a thread pool."""
+    return {"ray_actor_options": {"num_cpus": 0}, "max_ongoing_requests": CACHE_MAX_ONGOING}
+
+
+def ingress_options(args: AppArgs) -> dict[str, Any]:
+    """Every Ingress option (its decorator sets none): light (0 CPU), many concurrent streams."""
+    return {"ray_actor_options": token_path_actor_options(args, 0), "max_ongoing_requests": 1024,
+            "graceful_shutdown_timeout_s": 30}
 
 
 def llama_model_options(args: AppArgs, use_gpu: bool) -> dict[str, Any]:
@@ -65,7 +77,7 @@ def llama_model_options(args: AppArgs, use_gpu: bool) -> dict[str, Any]:
     return {
         "ray_actor_options": token_path_actor_options(args, 1, 1 if use_gpu else 0),
         # Above slots + queue, so the engine (not Ray) decides when to answer 429.
-        "max_ongoing_requests": args.engine.n_parallel + args.engine.max_queue + 8,
+        "max_ongoing_requests": args.engine.n_parallel + args.engine.max_queued_requests + 8,
         "user_config": args.batching.model_dump(),
         "health_check_period_s": 10,
         "graceful_shutdown_timeout_s": 30,
@@ -76,8 +88,7 @@ def build_app(args: AppArgs) -> serve.Application:
     if isinstance(args, dict):
         args = AppArgs.model_validate(args)
     use_gpu = resolve_accelerator(args)
-    cache = ModelCache.bind(args.cache_dir, args.download.model_dump())
+    cache = ModelCache.options(**model_cache_options()).bind(args.cache_dir, args.download.model_dump())
     model = LlamaModel.options(**llama_model_options(args, use_gpu)).bind(
         cache, args.model_dump(mode="json"), use_gpu)
-    ingress = Ingress.options(ray_actor_options=token_path_actor_options(args, 0))
-    return ingress.bind(model, args.model_name(), args.server.model_dump(), args.engine.max_tokens_default)
+    return Ingress.options(**ingress_options(args)).bind(model, args.model_name(), args.server.model_dump(), args.engine.max_tokens_default)

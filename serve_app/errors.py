@@ -1,8 +1,10 @@
 """One typed error tree for the whole service.
 
 Every error carries a stable machine ``code``, the HTTP ``status`` a transport should map it to, and whether a
-retry may help. Messages are written for clients: no paths outside the volume, no tokens, no tracebacks. The
-transports (ingress, RunPod handler, CLI) translate these; nothing here knows about HTTP libraries.
+retry may help. Messages go to the client who caused them: they may quote what that client sent, never a token
+or a traceback. Unauthenticated surfaces (``/ready``) show only fixed phrases per code (``model/loading.py``).
+Each transport (HTTP JSON and SSE in ``ingress/replies.py``, RunPod output in ``runpod/handler.py``, the CLIs)
+has one translator; nothing here knows about HTTP libraries.
 """
 
 from __future__ import annotations
@@ -193,11 +195,6 @@ def _index(cls: type[ServeError]) -> None:
 
 _index(ServeError)
 
-
-def error_from_dict(body: dict[str, Any]) -> ServeError:
-    """Rebuild a typed error sent as a value across a process boundary (see ``ServeError.to_dict``)."""
-    cls = ERRORS_BY_CODE.get(str(body.get("code")), ServeError)
-    return cls(str(body.get("message", "internal error")), param=body.get("param"))
 
 
 def first_problem(exc: ValidationError) -> tuple[str | None, str]:

@@ -146,11 +146,13 @@ ModelState = Literal["loading", "ready", "failed"]
 
 
 class ModelInfo(BaseModel):
-    """LlamaModel's state and load: ``/ready`` shows ``state`` and ``reason``; ``/stats`` shows all of it."""
+    """LlamaModel's state and load: ``/ready`` shows ``state`` and ``reason``; ``/stats`` all but ``detail``."""
 
     state: ModelState
     model: str
     reason: str | None = Field(default=None, description="Why the model is not ready: short, no paths.")
+    detail: str | None = Field(default=None, description="The full failure, for operators (the RunPod worker's "
+                               "start-up line, logs); never sent over HTTP.")
     phases: dict[str, float] = Field(default_factory=dict)
     n_ctx_seq: int | None = None
     slots_total: int = 0

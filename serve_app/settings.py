@@ -37,6 +37,12 @@ class Settings(BaseSettings):
     hf_offline: bool = Field(default=False, validation_alias=AliasChoices("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
     ray_address: str | None = Field(default=None, validation_alias="RAY_ADDRESS")
 
+    # ---- builder: Ray Serve's own event-loop switches, when the operator set them (Ray's own names) ----
+    ray_serve_run_user_code_in_separate_thread: str | None = Field(
+        default=None, validation_alias="RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD")
+    ray_serve_run_router_in_separate_loop: str | None = Field(
+        default=None, validation_alias="RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP")
+
     # ---- engine: the GPU CUDA shows this process (CUDA's own name) ----
     cuda_visible_devices: str | None = Field(default=None, validation_alias="CUDA_VISIBLE_DEVICES")
 
@@ -71,6 +77,12 @@ class Settings(BaseSettings):
         if isinstance(v, str):
             return v.strip().lower() in {"1", "on", "yes", "true"}
         return v
+
+    def ray_serve_loop_overrides(self) -> dict[str, str]:
+        """The operator's own values of the two Ray Serve loop switches the builder sets on the token path."""
+        given = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": self.ray_serve_run_user_code_in_separate_thread,
+                 "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": self.ray_serve_run_router_in_separate_loop}
+        return {k: v for k, v in given.items() if v is not None}
 
     def token(self) -> str | None:
         return self.hf_token.get_secret_value() if self.hf_token is not None else None

@@ -28,10 +28,10 @@ from serve_app.protocol import ErrorEvent
 
 log = logging.getLogger("serve_app.cache")
 T = TypeVar("T")
-_MAX_ONGOING = 64
+MAX_ONGOING = 64  # concurrent calls, one pool thread each (ensure blocks on a lock or a download)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=_MAX_ONGOING)
+@serve.deployment
 class ModelCache:
     def __init__(self, cache_dir: str, download: dict | None = None) -> None:
         # Replica logs are not a terminal: periodic progress lines instead of a bar.
@@ -40,7 +40,7 @@ class ModelCache:
         self._reported = StoreStats()
         # Not the default executor (cpu+4 threads): callers waiting on another replica's download hold a thread
         # each, and must not starve status/list calls.
-        self._pool = ThreadPoolExecutor(max_workers=_MAX_ONGOING, thread_name_prefix="model-cache")
+        self._pool = ThreadPoolExecutor(max_workers=MAX_ONGOING, thread_name_prefix="model-cache")
 
     async def _call(self, name: str, fn: Callable[[], T]) -> T | ErrorEvent:
         try:

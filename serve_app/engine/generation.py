@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -49,11 +49,21 @@ def check_prompt(n_prompt: int, n_ctx_seq: int) -> None:
         raise ContextOverflowError("the prompt is empty", param="prompt")
 
 
+class _Vocab(Protocol):
+    def valid_token(self, token: int) -> bool: ...
+
+
+def check_prompt_tokens(tokens: list[int], model: _Vocab, n_ctx_seq: int) -> None:
+    """The prompt limits, in one place: LlamaModel checks them before it takes a slot, the engine again at submit
+    (it must never hand llama.cpp a prompt that overflows a sequence or names a token outside the vocabulary)."""
+    check_prompt(len(tokens), n_ctx_seq)
+    if any(not model.valid_token(t) for t in tokens):
+        raise ContextOverflowError("the prompt contains token ids outside the vocabulary", param="prompt")
+
+
 def check_request(req: EngineRequest, model: LlamaModelHandle, n_ctx_seq: int) -> None:
     """Everything that would make a request fail once admitted, refused before it is queued (typed 4xx)."""
-    check_prompt(len(req.prompt), n_ctx_seq)
-    if any(not model.valid_token(t) for t in req.prompt):
-        raise ContextOverflowError("the prompt contains token ids outside the vocabulary", param="prompt")
+    check_prompt_tokens(req.prompt, model, n_ctx_seq)
     if any(len(s) > MAX_STOP_CHARS for s in req.params.stop):
         raise InvalidRequestError(f"stop sequences may be at most {MAX_STOP_CHARS} characters", param="stop")
 

@@ -69,7 +69,7 @@ async def models(ctx: Ctx, request: Request, route: Route, rid: str) -> Response
 
 
 async def stats(ctx: Ctx, request: Request, route: Route, rid: str) -> Response:
-    return reply((await ctx.service.info()).model_dump(), request)
+    return reply((await ctx.service.info()).model_dump(exclude={"detail"}), request)
 
 
 async def health(ctx: Ctx, request: Request, route: Route, rid: str) -> Response:

@@ -11,6 +11,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.types import ASGIApp
 
+from serve_app import ray_private
 from serve_app.errors import InvalidRequestError, ServeError, ShuttingDownError
 from serve_app.metrics import IngressMetrics
 from serve_app.routes import BY_PATH, OPENAI_ROUTES
@@ -24,15 +25,15 @@ from .replies import error_body
 from .sse import EventStream
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024, graceful_shutdown_timeout_s=30)
+@serve.deployment
 @serve.ingress()
 class Ingress:
     async def __init__(self, model: DeploymentHandle, model_id: str, server: dict[str, Any],
                        default_max_tokens: int) -> None:
         if server.get("low_latency", True):
             # By value over Ray Serve's replica-to-replica gRPC channel instead of through the object store: about
-            # 1 ms less each way per request and per streamed item (measured; see README).
-            model = model.options(_by_reference=False)
+            # 1 ms less each way per request and per streamed item (docs/benchmarks.md).
+            model = ray_private.by_value(model)
         self.service = OpenAIService(model, model_id, default_max_tokens)
         self.api_keys = list(server.get("api_keys") or []) + list(Settings().api_keys)
         self.max_body_bytes = int(server.get("max_body_bytes") or 4 * 1024 * 1024)

@@ -7,9 +7,10 @@ itself (``exposure_warning``) is a pure function.
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import logging
+
+from serve_app import ray_private
 
 log = logging.getLogger("ray.serve")
 
@@ -40,12 +41,7 @@ def exposure_warning(host: str | None, location: str | None, n_api_keys: int) ->
 async def serve_http_host() -> tuple[str | None, str | None] | None:
     """(host, proxy location) of Serve's HTTP options, or None when the controller cannot be asked."""
     try:
-        import ray
-        from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
-
-        controller = await asyncio.to_thread(ray.get_actor, SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
-        opts = await asyncio.wait_for(controller.get_http_config.remote(), LOOKUP_TIMEOUT_S)
-        return opts.host, str(opts.location) if opts.location is not None else None
+        return await ray_private.serve_http_options(LOOKUP_TIMEOUT_S)
     except Exception as e:  # no Serve controller, or its API changed: say so, never fail the replica
         log.info("could not read Serve's HTTP options (%s); skipping the exposure check", type(e).__name__)
         return None

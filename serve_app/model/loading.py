@@ -83,6 +83,7 @@ class Loader:
         self.engine_factory = engine_factory
         self.state: ModelState = "loading"
         self.reason: str | None = None
+        self.detail: str | None = None  # the whole failure, for operators only (never over HTTP)
         self.restart: str | None = None  # why Ray Serve should replace this replica (log text, never shown)
         self.phases: dict[str, float] = {}
         self.file: CachedFile | None = None
@@ -113,12 +114,12 @@ class Loader:
             self._fail(ServeError("unexpected"), f"{type(e).__name__}: {e}", restart=True)
 
     def _fail(self, err: ServeError, detail: str, restart: bool) -> None:
-        self.state, self.reason = "failed", public_reason(err)
+        self.state, self.reason, self.detail = "failed", public_reason(err), detail
         self.restart = detail if restart else None
         log.error("model %s failed to load (%s): %s", self.args.model_name(),
                   "the replica will be replaced" if restart else "permanent; not retrying", detail)
 
-    async def _load_file(self, file: dict[str, Any]) -> Loaded:
+    async def _load_file(self, file: CachedFile) -> Loaded:
         path = file.path
         key = hashlib.sha256(f"{file.sha256}|{path}".encode()).hexdigest()[:16]
         device = await asyncio.to_thread(device_name) if self.use_gpu else "cpu"
@@ -134,7 +135,7 @@ class Loader:
         """Turn a dead engine into ``failed`` (so ``/ready`` says so at once) and a reason to restart."""
         if self.loaded is not None and self.loaded.engine.dead and self.restart is None:
             self.state, self.reason = "failed", _ENGINE_DEAD_REASON
-            self.restart = f"engine dead: {self.loaded.engine.dead}"
+            self.restart = self.detail = f"engine dead: {self.loaded.engine.dead}"
             log.error("model %s: %s", self.args.model_name(), self.restart)
 
     def health_problem(self) -> str | None:

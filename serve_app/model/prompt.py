@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 from typing import Protocol
 
-from serve_app.errors import ContextOverflowError, InvalidRequestError
+from serve_app.engine.generation import check_prompt_tokens
+from serve_app.errors import InvalidRequestError
 from serve_app.protocol import GenerateRequest, Message, SamplingParams
 
 from .chat_template import ChatTemplate
@@ -68,20 +69,10 @@ class PromptBuilder:
             tokens = self.chat_tokens(req.messages)
         elif isinstance(req.prompt, tuple):
             tokens = list(req.prompt)
-            if any(not self.model.valid_token(t) for t in tokens):
-                raise ContextOverflowError("the prompt contains token ids outside the vocabulary", param="prompt")
         else:
             tokens = self.model.tokenize(req.prompt or "", add_special=True, parse_special=False)
-        self.check_length(len(tokens))
+        check_prompt_tokens(tokens, self.model, self.n_ctx_seq)
         return tokens
-
-    def check_length(self, n_prompt: int) -> None:
-        if n_prompt >= self.n_ctx_seq:
-            raise ContextOverflowError(
-                f"the prompt has {n_prompt} tokens but the context per request is {self.n_ctx_seq} "
-                f"(at least one token must be left to generate)", param="messages")
-        if n_prompt == 0:
-            raise ContextOverflowError("the prompt is empty", param="prompt")
 
     def sampling(self, req: GenerateRequest) -> SamplingParams:
         """The request's params, plus the fallback template's end-of-turn text as a stop string for chats."""

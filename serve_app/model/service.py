@@ -83,7 +83,8 @@ class ModelService:
     async def info(self) -> ModelInfo:
         ld = self.loader
         ld.check_engine()
-        info = ModelInfo(state=ld.state, model=self.model_id, reason=ld.reason, phases=ld.phases, file=ld.file.model_dump() if ld.file else None,
+        info = ModelInfo(state=ld.state, model=self.model_id, reason=ld.reason, detail=ld.detail, phases=ld.phases,
+                         file=ld.file.model_dump() if ld.file else None,
                          gpu_memory=await asyncio.to_thread(gpu_memory) if self.use_gpu else None)
         if ld.loaded is not None:
             st = ld.loaded.engine.stats()

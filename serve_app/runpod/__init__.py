@@ -2,6 +2,7 @@
 
 * ``input``: job input shapes (worker-vllm compatible) and the limits checked before any work -> one ingress call;
 * ``handler``: the job handler (one ingress call per job, errors as values) and the SDK's concurrency;
-* ``bootstrap``: settings, joining or starting Ray and deploying the Serve config, waiting for the model;
-* ``ray_private``: every private Ray API the worker relies on, in one place.
+* ``bootstrap``: settings, joining or starting Ray and deploying the Serve config, waiting for the model.
+
+The private Ray APIs it needs live in ``serve_app.ray_private``.
 """

@@ -25,8 +25,8 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from serve_app import ray_private
 from serve_app.errors import first_problem
-from serve_app.runpod import ray_private
 from serve_app.runpod.handler import (
     READY_CALL_TIMEOUT_S,
     WORKER,
@@ -186,7 +186,7 @@ def _model_state(handle: DeploymentHandle) -> tuple[dict[str, Any] | None, str]:
         return info, ""
     if state == "failed":
         raise StartupError(f"model '{info.get('model')}' failed to load: "
-                           f"{one_line(info.get('reason') or 'no reason given')}")
+                           f"{one_line(info.get('detail') or info.get('reason') or 'no reason given')}")
     return None, f"model {info.get('model')} is {state}"
 
 

@@ -18,9 +18,9 @@ from typing import Any
 
 from ray.serve.handle import DeploymentHandle
 
+from serve_app import ray_private
 from serve_app.errors import NotReadyError, ServeError
 from serve_app.ray_errors import ray_failure, unwrap_cause
-from serve_app.runpod import ray_private
 from serve_app.runpod.input import DEFAULT_MAX_INPUT_BYTES, IngressCall, normalise
 
 log = logging.getLogger("serve_app.runpod")

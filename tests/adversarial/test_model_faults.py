@@ -150,6 +150,8 @@ def test_permanent_load_failure_stays_failed_without_restarts_or_retries(code: s
         assert r.status_code == 503 and body["status"] == "failed", body
         assert body["reason"].startswith(f"{code}: "), body
         assert "/" not in body["reason"].split(": ", 1)[1] and "private-dir" not in body["reason"], body
+        stats = httpx.get(f"{ray_session}/{name}/stats", timeout=10).json()
+        assert "detail" not in stats and "private-dir" not in json.dumps(stats.get("reason")), stats
         [replica] = replica_actors(name)
         # A check_health that raised would make Ray Serve replace the replica, which would fail the same way again.
         assert ray.get(ray.get_actor(replica, namespace="serve").__ray_call__.remote(_health_check)) is None

@@ -1,5 +1,5 @@
-"""Invariant: every private Ray API the RunPod worker uses (all of them wrapped in ``serve_app.runpod.ray_private``,
-and no other worker module touches one) still exists in the installed Ray with the signature and behaviour the
+"""Invariant: every private Ray API the service uses (all of them wrapped in ``serve_app.ray_private``, and no
+other module touches one) still exists in the installed Ray with the signature and behaviour the
 wrapper relies on. A Ray upgrade that changes one fails here, by name, instead of in a container at start-up."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[2] / "serve_app" / "runpod"
+PACKAGE = Path(__file__).resolve().parents[2] / "serve_app"
 
 
 def params(fn: object) -> dict[str, inspect.Parameter]:
@@ -38,7 +38,7 @@ def test_token_auth_setup() -> None:
 def test_serve_namespace() -> None:
     from ray.serve._private.constants import SERVE_NAMESPACE
 
-    from serve_app.runpod import ray_private
+    from serve_app import ray_private
 
     assert SERVE_NAMESPACE == ray_private.SERVE_NAMESPACE == "serve"
 
@@ -70,7 +70,16 @@ def test_the_config_options_serve_start_gets() -> None:
     gRPCOptions(**config.grpc_options.model_dump())
 
 
-def test_no_other_worker_module_imports_a_private_ray_api() -> None:
+def test_serve_controller_http_config() -> None:
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME
+    from ray.serve._private.controller import ServeController
+
+    assert SERVE_CONTROLLER_NAME
+    assert list(params(ServeController.get_http_config)) == ["self"]
+
+
+def test_no_other_module_imports_a_private_ray_api() -> None:
     private = re.compile(r"^\s*(from|import)\s+ray\.(\w+\.)*_private\b", re.M)
-    offenders = [p.name for p in PACKAGE.glob("*.py") if p.name != "ray_private.py" and private.search(p.read_text())]
+    offenders = [str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
+                 if p.name != "ray_private.py" and private.search(p.read_text())]
     assert offenders == []

@@ -1,6 +1,7 @@
-"""Every private Ray API the RunPod worker relies on, in one place (Ray 2.60). Ray may change these in any release;
-``tests/unit/test_runpod_ray_private.py`` imports each one and checks the signature used here, so an upgrade that
-breaks one fails there by name instead of in a container at start-up.
+"""Every private Ray API the service relies on, in one place (Ray 2.60). Ray may change these in any release;
+``tests/unit/test_ray_private.py`` imports each one and checks the signature used here, so an upgrade that breaks
+one fails there by name instead of in a replica or a container at start-up. No other module imports a private
+Ray name (the same test checks that).
 
 * ``ray._private.services.canonicalize_bootstrap_address``: what ``ray.init`` does with ``RAY_ADDRESS`` (``auto``
   finds the cluster on this machine), used to decide between joining one and starting one here.
@@ -9,18 +10,22 @@ breaks one fails there by name instead of in a container at start-up.
 * ``ray.serve._private.constants.SERVE_NAMESPACE``: the namespace Serve's handles live in.
 * ``ray.serve._private.api.serve_start`` and ``ServeControllerClient.deploy_apps(config, _blocking=False)``: what
   ``serve run <config>`` does, so the config's ``http_options`` and per-deployment overrides apply.
-* ``DeploymentHandle.options(_by_reference=False)``: calls by value over Serve's replica-to-replica gRPC channel.
+* ``DeploymentHandle.options(_by_reference=False)``: calls by value over Serve's replica-to-replica gRPC channel
+  (the Ingress calling LlamaModel, the RunPod worker calling the Ingress, with ``server.low_latency``).
+* ``SERVE_CONTROLLER_NAME`` and the controller's ``get_http_config``: Serve's HTTP options, which no public API
+  gives a replica (the Ingress warns when they listen beyond loopback without API keys).
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
-from ray.serve._private.constants import SERVE_NAMESPACE
+from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 from ray.serve.handle import DeploymentHandle
 
 __all__ = ["SERVE_NAMESPACE", "by_value", "enable_token_auth_if_available", "resolve_address",
-           "start_serve_and_deploy"]
+           "serve_http_options", "start_serve_and_deploy"]
 
 
 def resolve_address(address: str) -> str | None:
@@ -59,3 +64,13 @@ def by_value(handle: DeploymentHandle) -> DeploymentHandle:
     """The handle with calls sent by value over Serve's direct gRPC channel (about 1 ms less each way than the
     object store)."""
     return handle.options(_by_reference=False)
+
+
+async def serve_http_options(timeout_s: float) -> tuple[str | None, str | None]:
+    """(host, proxy location) of Serve's HTTP options, asked of Serve's controller (the call Serve's own replicas
+    make at start). Raises whatever Ray raises when there is no controller or its API changed."""
+    import ray
+
+    controller = await asyncio.to_thread(ray.get_actor, SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    opts = await asyncio.wait_for(controller.get_http_config.remote(), timeout_s)
+    return opts.host, str(opts.location) if opts.location is not None else None
