@@ -43,7 +43,7 @@ class ModelRef(_Strict):
 
 
 class DownloadConfig(_Strict):
-    """How hard ModelCache tries (seed process 4: network faults)."""
+    """How hard ModelCache tries when the network fails."""
 
     max_attempts: int = Field(default=3, ge=1, le=20, description="Attempts per file, corruption retries included.")
     backoff_base_s: float = Field(default=1.0, ge=0, description="First backoff; doubles each attempt.")

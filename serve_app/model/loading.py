@@ -1,4 +1,4 @@
-"""Seed process 2, loading: ask ModelCache for the file -> load it into an engine -> ``ready`` | ``failed``; a
+"""Loading: ask ModelCache for the file -> load it into an engine -> ``ready`` | ``failed``; a
 file llama.cpp cannot read is re-verified (and re-downloaded) by ModelCache once.
 
 ``failed`` comes in two kinds. A permanent failure (repo, revision or file not found, gated repo, a file that

@@ -1,4 +1,4 @@
-"""Seed process 3, inference: request -> prompt -> engine -> events; plus the state and counters LlamaModel
+"""Inference: request -> prompt -> engine -> events; plus the state and counters LlamaModel
 reports. A plain class (the deployment wraps it), so its logic is tested with a fake engine, without Ray.
 
 The replica's event loop carries every stream, so nothing blocking runs on it: template rendering, tokenizing
@@ -198,7 +198,7 @@ class ModelService:
         if self.metrics is not None:
             self.metrics.observe_finish(done)
         if not self._first_token_logged and done.usage.completion_tokens:
-            # Cold start ends with the first token served, not with the weights loaded (seed process 6).
+            # Cold start ends with the first token served, not with the weights loaded.
             self._first_token_logged = True
             first = self.loader.phases["first_token_s"] = time.perf_counter() - self.loader.t0
             if self.metrics is not None:
