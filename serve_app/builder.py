@@ -43,7 +43,7 @@ def resolve_accelerator(args: AppArgs) -> bool:
 
 # Ray Serve runs user code on a second event loop in its own thread and, in callers, the request router on a
 # third; every request and every streamed item crosses those threads. On the token path (Ingress, LlamaModel)
-# that cost ~2-4 ms of time to first token here, and both deployments keep blocking work off their loop (the
+# that cost 2-4 ms of time to first token on a 2-core CPU (docs/benchmarks.md), and both deployments keep blocking work off their loop (the
 # engine has its own thread), so they run on the replica's main loop. ModelCache hashes files and keeps the default.
 # These are Ray Serve's documented throughput-mode switches (RAY_SERVE_THROUGHPUT_OPTIMIZED sets them too); a
 # value already in the environment wins (``Settings.ray_serve_loop_overrides``).
@@ -91,4 +91,5 @@ def build_app(args: AppArgs) -> serve.Application:
     cache = ModelCache.options(**model_cache_options()).bind(args.cache_dir, args.download.model_dump())
     model = LlamaModel.options(**llama_model_options(args, use_gpu)).bind(
         cache, args.model_dump(mode="json"), use_gpu)
-    return Ingress.options(**ingress_options(args)).bind(model, args.model_name(), args.server.model_dump(), args.engine.max_tokens_default)
+    return Ingress.options(**ingress_options(args)).bind(
+        model, args.model_name(), args.server, args.engine.max_tokens_default)

@@ -1,7 +1,7 @@
 """The token path between the Ingress and LlamaModel, typed and defined once.
 
 ``GenerateRequest`` goes in; a stream of ``Delta`` ... then exactly one ``Done`` or ``ErrorEvent`` comes out (the
-engine emits these same events, so nothing converts them on the way). Every other LlamaModel call answers with its
+engine emits these same events; only a non-streamed result is gathered into one ``Done`` with its ``text``). Every other LlamaModel call answers with its
 result model or an ``ErrorEvent``: errors cross Ray as values, never as wrapped tracebacks, and each transport
 (HTTP JSON, SSE chunk, RunPod output) has one translator for ``ErrorEvent.error``.
 
@@ -12,7 +12,7 @@ responses and is never used as a key. pydantic + stdlib + our error tree only.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -23,20 +23,24 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+INT32_MAX = 2**31 - 1  # llama.cpp takes top_k and the like as C ints: a larger value would wrap silently
+MAX_STOP_CHARS = 1024  # a stop string's matcher is built on the engine thread, in time linear in its length
+
+
 class SamplingParams(_Strict):
     """Per-request generation settings, as the engine understands them."""
 
     max_tokens: int = Field(default=512, ge=1)
     temperature: float = Field(default=0.8, ge=0.0, le=5.0)
     top_p: float = Field(default=0.95, gt=0.0, le=1.0)
-    top_k: int = Field(default=40, ge=0)
+    top_k: int = Field(default=40, ge=0, le=INT32_MAX)
     min_p: float = Field(default=0.05, ge=0.0, le=1.0)
     repeat_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
     repeat_last_n: int = Field(default=64, ge=0)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     seed: int | None = None
-    stop: tuple[str, ...] = ()
+    stop: tuple[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)], ...] = ()
     ignore_eos: bool = False
 
     @property

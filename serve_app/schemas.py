@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from serve_app.protocol import SamplingParams
+from serve_app.protocol import INT32_MAX, MAX_STOP_CHARS, SamplingParams
 
 # ---- OpenAI requests --------------------------------------------------------------------------------------------
 
@@ -60,7 +60,7 @@ class _GenerationRequest(_OpenAIModel):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=0)
+    top_k: int | None = Field(default=None, ge=0, le=INT32_MAX)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     repeat_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
@@ -81,6 +81,8 @@ class _GenerationRequest(_OpenAIModel):
             raise ValueError("at most 16 stop sequences")
         if any(not s for s in stops):
             raise ValueError("stop sequences must be non-empty")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop sequences may be at most {MAX_STOP_CHARS} characters")
         return v
 
     def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:

@@ -3,7 +3,7 @@
 We do the HEAD (``get_hf_file_metadata``, retries off) and the GET (the ``huggingface_hub`` session) ourselves
 instead of calling ``hf_hub_download``: in 2.4 that function retries the HEAD with its own backoff (~23 s when
 the Hub is down), resumes the body up to 5 times with 1 s sleeps inside one call, never hashes the content
-and reads its GET timeout from a module global (``file_download.py`` lines 334-496, 1170-1190). Owning both
+and reads its GET timeout from a module global (huggingface_hub's ``file_download.py``). Owning both
 requests makes ``max_attempts``, the backoff and the deadline mean exactly what they say, turns a read stall
 into a failed attempt, and lets us hash while receiving. A later attempt resumes with ``Range`` and keeps the
 running hash; a body that fails verification is thrown away whole and fetched again.

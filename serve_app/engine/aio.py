@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import weakref
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
@@ -16,24 +17,36 @@ if TYPE_CHECKING:
 
 
 class _LoopSink:
-    """Collects events from the engine thread and hands them to the event loop in one wake-up per step."""
+    """Collects events from engine threads and hands them to one event loop in one wake-up per step.
+
+    Usually one engine thread feeds a loop, but nothing stops two engines in one process from sharing it, so the
+    pending list is swapped under a lock (an uncontended acquire per event is cheap next to a decode step)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
+        # A weak reference: the sink is the value of a WeakKeyDictionary keyed by this loop, and a strong one would
+        # keep every closed loop (one per asyncio.run) alive for good.
+        self._loop = weakref.ref(loop)
+        self._lock = threading.Lock()
         self.pending: list[tuple[asyncio.Queue[Event], Event]] = []
         # One bound method shared by every request of this loop: the engine dedups flushes by identity.
         self.flush_once = self.flush
 
     def put(self, q: asyncio.Queue[Event], ev: Event) -> None:
-        self.pending.append((q, ev))  # list.append is atomic under the GIL; only the engine thread appends
+        with self._lock:
+            self.pending.append((q, ev))
 
     def flush(self) -> None:
-        if self.pending:
+        with self._lock:
+            if not self.pending:
+                return
             batch, self.pending = self.pending, []
-            try:
-                self.loop.call_soon_threadsafe(self._deliver, batch)
-            except RuntimeError:
-                pass  # the loop is closed: nobody is left to read these events
+        loop = self._loop()
+        if loop is None:
+            return  # the loop is gone: nobody is left to read these events
+        try:
+            loop.call_soon_threadsafe(self._deliver, batch)
+        except RuntimeError:
+            pass  # the loop is closed: nobody is left to read these events
 
     @staticmethod
     def _deliver(batch: list[tuple[asyncio.Queue[Event], Event]]) -> None:

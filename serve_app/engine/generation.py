@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from serve_app.errors import ContextOverflowError, InvalidRequestError
+from serve_app.errors import ContextOverflowError
 from serve_app.protocol import Delta, Done, Event, FinishReason, SamplingParams, Timings, Usage
 
 from .text import StopMatcher, Utf8Stream
@@ -37,7 +37,6 @@ class EngineRequest:
     key: int = -1
 
 
-MAX_STOP_CHARS = 1024  # a stop string's matcher is built on the engine thread, in time linear in its length
 
 
 def check_prompt(n_prompt: int, n_ctx_seq: int) -> None:
@@ -64,8 +63,6 @@ def check_prompt_tokens(tokens: list[int], model: _Vocab, n_ctx_seq: int) -> Non
 def check_request(req: EngineRequest, model: LlamaModelHandle, n_ctx_seq: int) -> None:
     """Everything that would make a request fail once admitted, refused before it is queued (typed 4xx)."""
     check_prompt_tokens(req.prompt, model, n_ctx_seq)
-    if any(len(s) > MAX_STOP_CHARS for s in req.params.stop):
-        raise InvalidRequestError(f"stop sequences may be at most {MAX_STOP_CHARS} characters", param="stop")
 
 
 class Generation:

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -99,7 +100,7 @@ def context_bytes(model: ModelShape, plan: ContextPlan) -> int:
 
 def preflight(model: ModelShape, plan: ContextPlan, budget: int | None) -> None:
     """Refuse a plan that cannot fit before llama.cpp tries: on a CPU an oversized KV is not an error but an
-    OOM kill of the whole replica (measured here)."""
+    OOM kill of the whole replica (the kernel's, not llama.cpp's)."""
     if budget is None:
         return
     need = context_bytes(model, plan)
@@ -212,11 +213,16 @@ def write_profile(path: str | None, requested: ContextPlan, plan: ContextPlan, m
         return
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
+        # A unique name: workers in other containers on the same volume can have the same pid.
+        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
         body = {"requested": requested.describe(), "plan": plan.describe(), "measured": asdict(measured),
                 "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(body, f, indent=2)
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(body, f, indent=2)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     except OSError as e:
         log.warning("could not write engine profile %s: %s", os.path.basename(path), e)

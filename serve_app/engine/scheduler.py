@@ -25,7 +25,7 @@ from serve_app.errors import EngineDeadError, EngineError, KVCacheFullError, Que
 from serve_app.protocol import ErrorEvent, Event, FinishReason
 
 from .batch import NpBatch
-from .generation import EngineRequest, Generation, check_prompt, check_request
+from .generation import EngineRequest, Generation, check_request
 from .llama import LlamaContextHandle, LlamaModelHandle
 from .step import Slot, admitted, advance_positions, build_batch, greedy_tokens
 
@@ -89,9 +89,6 @@ class Engine:
 
     # ---- public, any thread ------------------------------------------------------------------------------------
 
-    def check_prompt(self, n_prompt: int) -> None:
-        check_prompt(n_prompt, self.n_ctx_seq)
-
     def submit(self, reqs: list[EngineRequest]) -> None:
         """Queue requests and give each its key; all of them are admitted in the same step when slots allow (their
         prompts then prefill in one batch). Raises before any work: dead engine, bad prompt, full queue."""
@@ -146,7 +143,11 @@ class Engine:
                 return fn()
         fut: Future[T] = Future()
         self._inbox.put(("call", (fn, fut)))
-        return fut.result(timeout)
+        try:
+            return fut.result(timeout)
+        except TimeoutError:
+            # The thread died between the liveness check and reading its inbox: say so, typed.
+            raise EngineDeadError(f"the engine did not answer within {timeout:.0f} s ({self.dead or 'busy'})") from None
 
     def _inject_fault(self, exc: BaseException) -> None:
         """Make the engine thread raise ``exc`` at its next command, as a crash inside a step would: for tests of

@@ -12,6 +12,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.types import ASGIApp
 
 from serve_app import ray_private
+from serve_app.config import ServerConfig
 from serve_app.errors import InvalidRequestError, ServeError, ShuttingDownError
 from serve_app.metrics import IngressMetrics
 from serve_app.routes import BY_PATH, OPENAI_ROUTES
@@ -28,18 +29,18 @@ from .sse import EventStream
 @serve.deployment
 @serve.ingress()
 class Ingress:
-    async def __init__(self, model: DeploymentHandle, model_id: str, server: dict[str, Any],
-                       default_max_tokens: int) -> None:
-        if server.get("low_latency", True):
+    def __init__(self, model: DeploymentHandle, model_id: str, server: ServerConfig, default_max_tokens: int) -> None:
+        if server.low_latency:
             # By value over Ray Serve's replica-to-replica gRPC channel instead of through the object store: about
             # 1 ms less each way per request and per streamed item (docs/benchmarks.md).
             model = ray_private.by_value(model)
         self.service = OpenAIService(model, model_id, default_max_tokens)
-        self.api_keys = list(server.get("api_keys") or []) + list(Settings().api_keys)
-        self.max_body_bytes = int(server.get("max_body_bytes") or 4 * 1024 * 1024)
+        self.api_keys = [*server.api_keys, *Settings().api_keys]
+        self.max_body_bytes = server.max_body_bytes
         self.metrics = IngressMetrics()
         self.draining = False
-        await warn_if_exposed(len(self.api_keys))
+        # In the background: asking Serve's controller must not hold up the replica's start.
+        self._exposure_check = asyncio.get_running_loop().create_task(warn_if_exposed(len(self.api_keys)))
 
     def __serve_build_asgi_app__(self) -> ASGIApp:
         return build_asgi_app(self.service, api_keys=self.api_keys, max_body_bytes=self.max_body_bytes,

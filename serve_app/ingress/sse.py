@@ -11,6 +11,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+from serve_app.errors import EngineDeadError
 from serve_app.protocol import Delta, Done, ErrorEvent, Event
 from serve_app.ray_errors import ray_failure
 
@@ -81,6 +82,8 @@ class EventStream:
         mid-generation): the client gets an error chunk and ``[DONE]``, as from vLLM, not a cut connection."""
         try:
             ev: Event | None = await anext(self.gen, None)
+            if ev is None:  # the model's stream ended without its last event: never pass that off as a success
+                return ErrorEvent(EngineDeadError("the model's stream ended early; retry"))
             return ev
         except Exception as e:
             typed = ray_failure(e)

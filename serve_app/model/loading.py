@@ -125,8 +125,14 @@ class Loader:
         device = await asyncio.to_thread(device_name) if self.use_gpu else "cpu"
         profile = os.path.join(self.args.cache_dir, ".engine-profiles", f"{key}-{device}.json")
         t = time.perf_counter()
-        engine, model, report = await asyncio.to_thread(
-            self.engine_factory, path, self.args.engine, self.use_gpu, profile)
+        made = asyncio.get_running_loop().run_in_executor(
+            None, self.engine_factory, path, self.args.engine, self.use_gpu, profile)
+        try:
+            engine, model, report = await asyncio.shield(made)
+        except asyncio.CancelledError:
+            # The replica is shutting down mid-load; the load thread cannot be stopped, so free what it makes.
+            made.add_done_callback(_free_when_made)
+            raise
         self.phases["load_s"] = time.perf_counter() - t
         template = await asyncio.to_thread(load_template, model, self.args.server.chat_template)
         return Loaded(engine, model, report, PromptBuilder(model, template, engine.n_ctx_seq))
@@ -148,3 +154,10 @@ class Loader:
             self.loaded.model.close()
             self.loaded = None
 
+
+def _free_when_made(made: asyncio.Future[tuple[Engine, LlamaModelHandle, LoadReport]]) -> None:
+    if made.cancelled() or made.exception() is not None:
+        return
+    engine, model, _ = made.result()
+    engine.shutdown()
+    model.close()

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from serve_app.config import AppArgs
 from serve_app.engine import RequestStream, gpu_memory
-from serve_app.errors import EngineDeadError, NotReadyError, QueueFullError, ServeError
+from serve_app.errors import EngineDeadError, NotReadyError, ServeError
 from serve_app.metrics import ModelMetrics
 from serve_app.protocol import (
     Delta,
@@ -75,8 +75,9 @@ class ModelService:
                 task.cancel()
             except RuntimeError:  # the loop is already closed: nothing left to cancel
                 pass
+        # Pool threads tokenize with the model's vocabulary: let the running ones finish before it is freed.
+        self._pool.shutdown(wait=True, cancel_futures=True)
         self.loader.close()
-        self._pool.shutdown(wait=False, cancel_futures=True)
 
     # ---- the handle API --------------------------------------------------------------------------------------
 
@@ -177,12 +178,16 @@ class ModelService:
 
     def submit_together(self, streams: list[RequestStream]) -> list[ServeError | None]:
         """Admit ``streams`` in one engine command (their prompts then prefill in one step); when they do not all
-        fit, each one on its own, so one full queue does not fail the rest. One result per stream."""
+        all go in, each one on its own, so one full queue or one bad request does not fail the rest. One result
+        per stream."""
         engine = self._ready().engine
         try:
             engine.submit([s.request for s in streams])
             return [None] * len(streams)
-        except QueueFullError:
+        except EngineDeadError as e:
+            return [e] * len(streams)
+        except ServeError:
+            # One request's problem (a full queue, a bad prompt) must not fail the others: each on its own.
             out: list[ServeError | None] = []
             for s in streams:
                 try:
@@ -191,8 +196,6 @@ class ModelService:
                 except ServeError as e:
                     out.append(e)
             return out
-        except ServeError as e:
-            return [e] * len(streams)
 
     def _observe(self, done: Done) -> None:
         if self.metrics is not None:

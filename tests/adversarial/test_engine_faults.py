@@ -16,7 +16,7 @@ import pytest
 
 from serve_app.config import EngineConfig
 from serve_app.engine import EngineRequest, load_engine, open_stream
-from serve_app.errors import EngineDeadError, InvalidRequestError
+from serve_app.errors import EngineDeadError
 from serve_app.protocol import Delta, Done, ErrorEvent, Event, SamplingParams
 
 pytestmark = pytest.mark.timeout(120)
@@ -141,15 +141,20 @@ def test_a_request_that_cannot_start_fails_alone(tiny_model: Path, monkeypatch: 
         eng.shutdown()
 
 
-def test_an_oversized_stop_string_is_refused_before_any_work(tiny_model: Path) -> None:
-    from serve_app.engine.generation import MAX_STOP_CHARS
+def test_an_oversized_stop_string_is_refused_before_any_work() -> None:
+    from pydantic import ValidationError
 
-    eng, model, _ = load_engine(str(tiny_model), EngineConfig(n_parallel=1, n_ctx_per_slot=128), want_gpu=False)
-    try:
-        hostile = SamplingParams(max_tokens=4, temperature=0, stop=("x" * (MAX_STOP_CHARS + 1),))
-        with pytest.raises(InvalidRequestError) as caught:
-            eng.submit([EngineRequest("hostile", model.tokenize(PROMPT, True, False), hostile, lambda ev: None)])
-        assert caught.value.status == 400 and caught.value.param == "stop"
-        assert eng.stats().waiting == 0 and eng.stats().slots_busy == 0
-    finally:
-        eng.shutdown()
+    from serve_app.errors import invalid_request
+    from serve_app.protocol import MAX_STOP_CHARS
+    from serve_app.schemas import CompletionRequest
+
+    # A stop string's matcher costs time linear in its length on the engine thread: the request is refused at
+    # validation, before it reaches any engine (and SamplingParams itself cannot carry one).
+    body = {"prompt": "hi", "max_tokens": 4, "stop": ["x" * (MAX_STOP_CHARS + 1)]}
+    with pytest.raises(ValidationError) as caught:
+        CompletionRequest.model_validate(body)
+    err = invalid_request(caught.value)
+    assert err.status == 400 and err.param == "stop" and str(MAX_STOP_CHARS) in err.message
+    with pytest.raises(ValidationError):
+        SamplingParams(max_tokens=4, temperature=0, stop=("x" * (MAX_STOP_CHARS + 1),))
+    assert SamplingParams(stop=("x" * MAX_STOP_CHARS,)).stop  # the limit itself is fine

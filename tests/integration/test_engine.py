@@ -15,6 +15,7 @@ import pytest
 
 from serve_app.config import EngineConfig
 from serve_app.engine import Engine, EngineRequest, LlamaModelHandle, load_engine, open_stream
+from serve_app.engine.generation import check_prompt_tokens
 from serve_app.errors import ContextOverflowError, OutOfMemoryError, QueueFullError
 from serve_app.protocol import Delta, Done, ErrorEvent, SamplingParams
 
@@ -160,7 +161,7 @@ def test_limits_fail_before_work(loaded) -> None:
     eng, model = loaded
     too_long = list(range(10, 10 + eng.n_ctx_seq))
     with pytest.raises(ContextOverflowError):
-        eng.check_prompt(len(too_long))
+        check_prompt_tokens(too_long, model, eng.n_ctx_seq)
 
     async def main() -> None:
         with pytest.raises(ContextOverflowError):
