@@ -19,6 +19,7 @@ from serve_app.errors import (
     EngineDeadError,
     GatedRepoError,
     HubUnreachableError,
+    InvalidRequestError,
     LocalFileNotFoundError,
     ModelLoadError,
     NotReadyError,
@@ -384,6 +385,28 @@ def test_batched_admission_enters_together_and_falls_back_one_by_one() -> None:
         h.engine.queue = 1
         out = svc.submit_together(more)
         assert out[0] is None and isinstance(out[1], QueueFullError)
+
+    run(main())
+
+
+def test_one_bad_request_in_an_admission_batch_fails_alone() -> None:
+    async def main() -> None:
+        from serve_app.engine import RequestStream
+
+        h = Harness()
+        svc = await h.ready()
+        real_submit = h.engine.submit
+
+        def picky(reqs: list[EngineRequest]) -> None:  # as the real engine: checks every request before any
+            if any(r.label == "bad" for r in reqs):
+                raise InvalidRequestError("not this one", param="prompt")
+            real_submit(reqs)
+
+        h.engine.submit = picky  # type: ignore[method-assign]
+        streams = [RequestStream(label, [5, 6], SamplingParams()) for label in ("good", "bad", "fine")]
+        out = svc.submit_together(streams)
+        assert out[0] is None and isinstance(out[1], InvalidRequestError) and out[2] is None
+        assert [r.label for r in h.engine.submitted] == ["good", "fine"]
 
     run(main())
 
