@@ -1,8 +1,9 @@
 """The OpenAI-compatible service: one code path for HTTP routes and RunPod jobs.
 
-Each method that takes a body checks and validates it (``parse``), calls LlamaModel through its handle, and returns
-an OpenAI response dict or, streaming, an ``EventStream`` of SSE strings. Errors are raised as typed ``ServeError``s; each transport
-has one translator for them (``replies``).
+Each method that takes a body validates it (``parse``), calls LlamaModel through its handle, and returns an OpenAI
+response dict or, streaming, an ``EventStream`` of SSE strings. Bodies arrive already walked by their transport's
+JSON check (``serve_app.jsonsafe``, run once by ``ingress/body`` and ``runpod/input``). Errors are raised as typed
+``ServeError``s; each transport has one translator for them (``replies``).
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ from serve_app.schemas import (
     now,
 )
 
-from .body import check_json
 from .sse import ChunkMaker, EventStream
 
 log = logging.getLogger("ray.serve")
@@ -51,10 +51,10 @@ Reply = dict[str, Any] | EventStream
 
 
 def parse(model_cls: type[BaseModel], body: Any) -> Any:
-    """A raw body (from HTTP or a RunPod job) as a request model. Unknown OpenAI fields are accepted and logged."""
+    """A body (from HTTP or a RunPod job, its JSON already checked by the transport) as a request model. Unknown
+    OpenAI fields are accepted and logged."""
     if not isinstance(body, dict):
         raise InvalidRequestError("the request body must be a JSON object")
-    check_json(body)
     try:
         req = model_cls.model_validate(body)
     except ValidationError as e:
