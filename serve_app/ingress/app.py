@@ -17,7 +17,7 @@ from starlette.routing import Route as StarletteRoute
 from starlette.types import ASGIApp
 
 from serve_app.errors import InvalidRequestError, ServeError
-from serve_app.routes import ROUTES, Route
+from serve_app.routes import ROUTES, Route, response_id
 
 from .body import parse_json, read_body
 from .guard import GuardMiddleware, id_to_echo, request_id
@@ -57,7 +57,7 @@ def reply(out: Reply, request: Request) -> Response:
 
 async def generate(ctx: Ctx, request: Request, route: Route, rid: str) -> Response:
     method = getattr(ctx.service, route.name)
-    return reply(await method(await ctx.json(request), f"{route.id_prefix}-{rid}"), request)
+    return reply(await method(await ctx.json(request), response_id(route.path, rid)), request)
 
 
 async def convert(ctx: Ctx, request: Request, route: Route, rid: str) -> Response:

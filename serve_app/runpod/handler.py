@@ -21,6 +21,7 @@ from ray.serve.handle import DeploymentHandle
 from serve_app import ray_private
 from serve_app.errors import NotReadyError, ServeError
 from serve_app.ray_errors import ray_failure, unwrap_cause
+from serve_app.routes import response_id
 from serve_app.runpod.input import DEFAULT_MAX_INPUT_BYTES, IngressCall, normalise
 
 log = logging.getLogger("serve_app.runpod")
@@ -171,7 +172,7 @@ async def handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any] | str]:
     except Exception as e:  # InvalidRequestError / RequestTooLargeError / NotReadyError, or a bug: still a value
         yield error_output(e)
         return
-    request_id = f"{call.id_prefix}-{job.get('id') or uuid.uuid4().hex}"
+    request_id = response_id(call.route, str(job.get("id") or uuid.uuid4().hex))
     WORKER.in_flight += 1
     try:
         if call.stream:

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
 from serve_app.errors import InvalidRequestError, first_error, invalid_request
 from serve_app.jsonsafe import check_json, show
-from serve_app.routes import BY_PATH, CHAT, COMPLETIONS, MODELS, OPENAI_ROUTES
+from serve_app.routes import CHAT, COMPLETIONS, MODELS, OPENAI_ROUTES
 from serve_app.settings import Settings
 
 DEFAULT_MAX_INPUT_BYTES: int = Settings.model_fields["runpod_max_input_bytes"].default
@@ -50,11 +50,6 @@ class IngressCall(BaseModel):
     route: str
     body: dict[str, Any] | None = None
     stream: bool = False
-
-    @property
-    def id_prefix(self) -> str:
-        """The OpenAI id prefix the HTTP routes use for this route (``chatcmpl``/``cmpl``)."""
-        return BY_PATH[self.route].id_prefix or "req"
 
 
 class _Strict(BaseModel):
