@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 
 
 class ServeError(Exception):
@@ -197,13 +198,22 @@ _index(ServeError)
 
 
 
+# ---- messages -------------------------------------------------------------------------------------------------
+
+
+def first_error(exc: ValidationError) -> ErrorDetails | None:
+    """The first problem pydantic found (without its input or URL), or None: the one place that picks it."""
+    errs = exc.errors(include_url=False, include_input=False)
+    return errs[0] if errs else None
+
+
 def first_problem(exc: ValidationError) -> tuple[str | None, str]:
     """The first problem pydantic found, as (dotted location or None, message): the one conversion every
-    validating caller (HTTP, RunPod, CLI, config) uses, so all of them word a bad field the same way."""
-    errs = exc.errors(include_url=False, include_input=False)
-    if not errs:
+    validating caller (HTTP, RunPod, CLI, config, the cache manifest) uses, so all of them word a bad field the
+    same way."""
+    first = first_error(exc)
+    if first is None:
         return None, "invalid value"
-    first = errs[0]
     loc = ".".join(str(x) for x in first.get("loc", ())) or None
     return loc, str(first.get("msg", "invalid value"))
 
@@ -212,3 +222,17 @@ def invalid_request(exc: ValidationError, cls: type[ServeError] = InvalidRequest
     """A client's bad field as a typed 4xx naming the field (``param``) and the problem."""
     loc, msg = first_problem(exc)
     return cls(f"{loc}: {msg}" if loc else msg, param=loc)
+
+
+def one_line(text: object, limit: int = 300) -> str:
+    """``text`` (a message, a traceback) as one line for a message or a log: its first non-empty line, stripped,
+    cut to ``limit`` characters."""
+    lines = (ln.strip() for ln in str(text).splitlines())
+    out = next((ln for ln in lines if ln), "")
+    return out if len(out) <= limit else out[: limit - 3] + "..."
+
+
+def exception_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception as one short line, ``Type: first line of its message`` (just ``Type`` without one)."""
+    detail = one_line(exc, limit)
+    return f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__

@@ -21,10 +21,12 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class RetryPolicy:
+    """How often and how patiently to retry. The overall time limit is not part of it: that is the ``Deadline``
+    the caller passes to ``retry``, shared by everything done for one file (``DownloadConfig.timeout_s``)."""
+
     attempts: int = 3
     backoff_base_s: float = 1.0
     backoff_max_s: float = 30.0
-    deadline_s: float = 300.0
 
     def delay(self, attempt: int) -> float:
         """The sleep after failed attempt number ``attempt`` (1-based)."""

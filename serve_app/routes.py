@@ -1,8 +1,10 @@
 """The one route table: every HTTP path the Ingress serves, which are OpenAI generation routes (and so also
-RunPod ``openai_route`` values), their response id prefix, and which stay open without an API key."""
+RunPod ``openai_route`` values), their response id prefix (and ``response_id``, the one builder of response ids),
+and which stay open without an API key."""
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from typing import Literal
 
@@ -36,3 +38,11 @@ ROUTES: tuple[Route, ...] = (
 BY_PATH: dict[str, Route] = {r.path: r for r in ROUTES}
 OPEN_PATHS: frozenset[str] = frozenset({r.path for r in ROUTES if r.open} | {"/"})
 OPENAI_ROUTES: tuple[str, ...] = tuple(r.path for r in ROUTES if r.openai)
+
+
+def response_id(path: str, suffix: str | None = None) -> str:
+    """The id of a response on route ``path``: ``<id_prefix>-<suffix>`` (``chatcmpl-...``), the suffix being the
+    request's own id (HTTP request id, RunPod job id) or a fresh random one. A route without a prefix
+    (``/v1/models`` as a RunPod job) gets ``req-...``, so every call the ingress receives still has an id to log."""
+    prefix = BY_PATH[path].id_prefix or "req"
+    return f"{prefix}-{suffix or uuid.uuid4().hex[:24]}"

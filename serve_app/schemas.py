@@ -8,7 +8,6 @@ can log them.
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -144,10 +143,6 @@ class DetokenizeRequest(_OpenAIModel):
 
 
 # ---- OpenAI responses -------------------------------------------------------------------------------------------
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
 def now() -> int:

@@ -22,7 +22,7 @@ from ray import serve
 
 from serve_app.cache.store import CachedFile, CacheStatus, ModelStore, StoreStats
 from serve_app.config import DownloadConfig, ModelRef
-from serve_app.errors import InvalidModelReferenceError, ServeError, invalid_request
+from serve_app.errors import InvalidModelReferenceError, ServeError, exception_line, invalid_request
 from serve_app.metrics import CacheMetrics
 from serve_app.protocol import ErrorEvent
 
@@ -52,8 +52,7 @@ class ModelCache:
             return self._failed(err)
         except Exception as err:
             log.warning("model cache %s failed unexpectedly", name, exc_info=True)
-            detail = " ".join(str(err).split())[:200]
-            return self._failed(ServeError(f"model cache internal error: {type(err).__name__}: {detail}"))
+            return self._failed(ServeError(f"model cache internal error: {exception_line(err)}"))
         finally:
             self._report()
 

@@ -31,6 +31,7 @@ from serve_app.errors import (
     RepoNotFoundError,
     RevisionNotFoundError,
     ServeError,
+    exception_line,
 )
 from serve_app.retry import RetryPolicy
 from serve_app.settings import Settings
@@ -190,11 +191,9 @@ def unreachable(endpoint: str, reason: str) -> HubUnreachableError:
 
 
 def short_reason(exc: BaseException) -> str:
+    """A Hub failure in a few words: its HTTP status when it has one, else ``errors.exception_line``."""
     status = http_status(exc)
-    if status is not None:
-        return f"HTTP {status}"
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {text}"[:200] if text else type(exc).__name__
+    return f"HTTP {status}" if status is not None else exception_line(exc)
 
 
 def to_serve_error(
@@ -248,4 +247,4 @@ def _by_status(exc: BaseException, *, endpoint: str, repo_id: str, revision: str
 
 def retry_policy(config: DownloadConfig) -> RetryPolicy:
     return RetryPolicy(attempts=config.max_attempts, backoff_base_s=config.backoff_base_s,
-                       backoff_max_s=config.backoff_max_s, deadline_s=config.timeout_s)
+                       backoff_max_s=config.backoff_max_s)

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from serve_app.cache.layout import Layout
 from serve_app.cache.names import COMMIT_RE, validate_filename, validate_repo_id, validate_revision
-from serve_app.errors import IntegrityError, ServeError
+from serve_app.errors import IntegrityError, ServeError, first_problem
 
 log = logging.getLogger("serve_app.cache")
 
@@ -207,9 +207,8 @@ class Manifest:
         try:
             return ManifestData.model_validate_json(raw)
         except ValidationError as exc:
-            first = exc.errors(include_url=False, include_input=False)[0]
-            where = ".".join(str(p) for p in first.get("loc", ())) or "document"
-            raise _Damaged(f"{where}: {first.get('msg', 'invalid')}"[:300]) from exc
+            where, problem = first_problem(exc)
+            raise _Damaged(f"{where or 'document'}: {problem}"[:300]) from exc
 
     def _quarantine(self, reason: str) -> None:
         """Keep the damaged file for inspection (never silently overwrite it); the caller holds the lock."""
@@ -226,7 +225,7 @@ class Manifest:
         try:  # never write what the next reader would quarantine (records are mutated in place, unvalidated)
             ManifestData.model_validate(data.model_dump())
         except ValidationError as exc:
-            raise IntegrityError(f"Refusing to write an invalid manifest ({exc.errors()[0].get('msg')})") from exc
+            raise IntegrityError(f"Refusing to write an invalid manifest ({first_problem(exc)[1]})") from exc
         directory = os.path.dirname(self.path)
         tmp = os.path.join(directory, f".manifest.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
         try:

@@ -17,16 +17,15 @@ from starlette.routing import Route as StarletteRoute
 from starlette.types import ASGIApp
 
 from serve_app.errors import InvalidRequestError, ServeError
-from serve_app.routes import ROUTES, Route
+from serve_app.routes import ROUTES, Route, response_id
 
 from .body import parse_json, read_body
 from .guard import GuardMiddleware, id_to_echo, request_id
 from .openai import OpenAIService, Reply
-from .replies import SSEResponse, error_response, internal_error
+from .replies import SSEResponse, error_response, internal_error, ready_response
 from .sse import EventStream
 
 Observer = Callable[[str, int, float], None]
-READY_RETRY_AFTER_S = "2"
 
 
 @dataclass(frozen=True)
@@ -57,7 +56,7 @@ def reply(out: Reply, request: Request) -> Response:
 
 async def generate(ctx: Ctx, request: Request, route: Route, rid: str) -> Response:
     method = getattr(ctx.service, route.name)
-    return reply(await method(await ctx.json(request), f"{route.id_prefix}-{rid}"), request)
+    return reply(await method(await ctx.json(request), response_id(route.path, rid)), request)
 
 
 async def convert(ctx: Ctx, request: Request, route: Route, rid: str) -> Response:
@@ -77,18 +76,16 @@ async def health(ctx: Ctx, request: Request, route: Route, rid: str) -> Response
 
 
 async def ready(ctx: Ctx, request: Request, route: Route, rid: str) -> Response:
-    retry = {"Retry-After": READY_RETRY_AFTER_S}
     try:
         info = await ctx.service.info()
     except ServeError as e:  # LlamaModel has no live replica right now (restarting after a crash)
-        return JSONResponse({"status": "unavailable", "reason": e.message}, status_code=503, headers=retry)
+        return ready_response({"status": "unavailable", "reason": e.message})
     body: dict[str, Any] = {"status": info.state, "model": info.model}
     if info.state == "failed":
         body["reason"] = info.reason
     if info.state == "ready" and ctx.is_shutting_down():
         body["status"] = "shutting_down"
-    ok = body["status"] == "ready"
-    return JSONResponse(body, status_code=200 if ok else 503, headers={} if ok else retry)
+    return ready_response(body)
 
 
 HANDLERS: dict[str, Handler] = {

@@ -1,8 +1,9 @@
 """The OpenAI-compatible service: one code path for HTTP routes and RunPod jobs.
 
-Each method that takes a body checks and validates it (``parse``), calls LlamaModel through its handle, and returns
-an OpenAI response dict or, streaming, an ``EventStream`` of SSE strings. Errors are raised as typed ``ServeError``s; each transport
-has one translator for them (``replies``).
+Each method that takes a body validates it (``parse``), calls LlamaModel through its handle, and returns an OpenAI
+response dict or, streaming, an ``EventStream`` of SSE strings. Bodies arrive already walked by their transport's
+JSON check (``serve_app.jsonsafe``, run once by ``ingress/body`` and ``runpod/input``). Errors are raised as typed
+``ServeError``s; each transport has one translator for them (``replies``).
 """
 
 from __future__ import annotations
@@ -27,34 +28,30 @@ from serve_app.protocol import (
     raise_if_error,
 )
 from serve_app.ray_errors import ray_failure
-from serve_app.routes import BY_PATH, CHAT, COMPLETIONS
+from serve_app.routes import CHAT, COMPLETIONS, response_id
 from serve_app.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
     TokenizeRequest,
     model_card,
-    new_id,
     now,
 )
 
-from .body import check_json
 from .sse import ChunkMaker, EventStream
 
 log = logging.getLogger("ray.serve")
 
 INFO_TIMEOUT_S = 3.0
-CHAT_PREFIX = str(BY_PATH[CHAT].id_prefix)
-COMPLETION_PREFIX = str(BY_PATH[COMPLETIONS].id_prefix)
 
 Reply = dict[str, Any] | EventStream
 
 
 def parse(model_cls: type[BaseModel], body: Any) -> Any:
-    """A raw body (from HTTP or a RunPod job) as a request model. Unknown OpenAI fields are accepted and logged."""
+    """A body (from HTTP or a RunPod job, its JSON already checked by the transport) as a request model. Unknown
+    OpenAI fields are accepted and logged."""
     if not isinstance(body, dict):
         raise InvalidRequestError("the request body must be a JSON object")
-    check_json(body)
     try:
         req = model_cls.model_validate(body)
     except ValidationError as e:
@@ -117,7 +114,7 @@ class OpenAIService:
     async def chat(self, body: Any, request_id: str | None = None) -> Reply:
         req: ChatCompletionRequest = parse(ChatCompletionRequest, body)
         self._check_model(req.model)
-        gen = GenerateRequest(label=request_id or new_id(CHAT_PREFIX), messages=_messages(req.messages),
+        gen = GenerateRequest(label=request_id or response_id(CHAT), messages=_messages(req.messages),
                               params=req.to_sampling_params(self.default_max_tokens), stream=req.stream)
         return await self._run(gen, chat=True, include_usage=req.include_usage)
 
@@ -125,7 +122,7 @@ class OpenAIService:
         req: CompletionRequest = parse(CompletionRequest, body)
         self._check_model(req.model)
         prompt = req.prompt_value()
-        gen = GenerateRequest(label=request_id or new_id(COMPLETION_PREFIX),
+        gen = GenerateRequest(label=request_id or response_id(COMPLETIONS),
                               prompt=tuple(prompt) if isinstance(prompt, list) else prompt,
                               params=req.to_sampling_params(self.default_max_tokens), stream=req.stream)
         return await self._run(gen, chat=False, include_usage=req.include_usage)

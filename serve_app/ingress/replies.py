@@ -1,6 +1,11 @@
 """One error translator per transport, each from a ``ServeError``: an HTTP JSON reply (``error_response``), an SSE
 error chunk (``sse_error``) and the bare value the handle API returns (``error_body``). Anything that is not a
-``ServeError`` is a bug: it is logged here and the client gets an id to quote, never the exception text."""
+``ServeError`` is a bug: it is logged here and the client gets an id to quote, never the exception text.
+
+``Retry-After`` has its one rule here (``retry_after``): a refused request (429 queue full, 503 not ready, shutting
+down, engine restarting) may come back after 1 s, since a slot or a replica frees up quickly; a ``/ready`` probe
+answered 503 (``ready_response``: loading, failed, restarting, shutting down) after 2 s, since loading a model
+takes seconds to minutes and a probe has nothing to gain from polling faster."""
 
 from __future__ import annotations
 
@@ -17,7 +22,16 @@ from serve_app.errors import ServeError
 log = logging.getLogger("ray.serve")
 
 DONE = "data: [DONE]\n\n"
-RETRY_AFTER_S = {429: "1", 503: "1"}
+REQUEST_RETRY_AFTER_S = 1
+READY_RETRY_AFTER_S = 2
+_RETRYABLE_STATUS = frozenset({429, 503})
+
+
+def retry_after(status: int, *, probe: bool = False) -> dict[str, str]:
+    """The ``Retry-After`` header for a reply with ``status`` (none unless 429/503); ``probe`` for ``/ready``."""
+    if status not in _RETRYABLE_STATUS:
+        return {}
+    return {"Retry-After": str(READY_RETRY_AFTER_S if probe else REQUEST_RETRY_AFTER_S)}
 
 
 def error_body(err: ServeError) -> dict[str, Any]:
@@ -39,10 +53,16 @@ class _ErrorJSON(JSONResponse):
 
 
 def error_response(err: ServeError, request_id: str | None = None) -> JSONResponse:
-    headers = {"Retry-After": RETRY_AFTER_S[err.status]} if err.status in RETRY_AFTER_S else {}
+    headers = retry_after(err.status)
     if request_id:
         headers["X-Request-Id"] = request_id
     return _ErrorJSON(error_body(err), status_code=err.status, headers=headers)
+
+
+def ready_response(body: dict[str, Any]) -> JSONResponse:
+    """``/ready``'s reply: 200 when ``body["status"]`` is ``ready``, else 503 with the probe's ``Retry-After``."""
+    status = 200 if body.get("status") == "ready" else 503
+    return JSONResponse(body, status_code=status, headers=retry_after(status, probe=True))
 
 
 def internal_error(exc: BaseException, request_id: str) -> ServeError:

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from serve_app.errors import InvalidRequestError
+from serve_app.errors import InvalidRequestError, exception_line
 
 from .sandbox import MAX_CHARS, BoundedSandbox, RenderTimeout, deadline
 
@@ -79,7 +79,7 @@ class ChatTemplate:
             with deadline(COMPILE_TIMEOUT_S):
                 self._template = env.from_string(self.source)
         except Exception as e:  # any failure of untrusted input to compile, RecursionError included
-            raise InvalidRequestError(f"{self.origin} does not compile: {_short(e)}") from None
+            raise InvalidRequestError(f"{self.origin} does not compile: {exception_line(e)}") from None
 
     def render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> str:
         """The prompt text. Blocking and bounded in time: call it from a worker thread, not an event loop."""
@@ -101,11 +101,6 @@ class ChatTemplate:
             raise InvalidRequestError(f"{self.origin} took too long on this conversation", param="messages") from None
         except Exception as e:  # Security/Template/Type/Overflow/Recursion/Memory errors alike: the template's fault
             log.warning("%s failed to render: %s: %s", self.origin, type(e).__name__, e)
-            raise InvalidRequestError(f"{self.origin} failed on this conversation: {_short(e)}",
+            raise InvalidRequestError(f"{self.origin} failed on this conversation: {exception_line(e)}",
                                       param="messages") from None
         return "".join(parts)
-
-
-def _short(e: BaseException) -> str:
-    text = str(e).splitlines()[0] if str(e) else ""
-    return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__

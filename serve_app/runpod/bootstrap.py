@@ -26,14 +26,13 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serve_app import ray_private
-from serve_app.errors import first_problem
+from serve_app.errors import first_problem, one_line
 from serve_app.runpod.handler import (
     READY_CALL_TIMEOUT_S,
     WORKER,
     as_serve_error,
     concurrency_modifier,
     handler,
-    one_line,
 )
 from serve_app.settings import Settings
 

@@ -1,7 +1,9 @@
 """The RunPod job handler: normalise the job input (``serve_app.runpod.input``), make one call on the ingress
 through its Ray handle, and yield one OpenAI response dict, or the ``data: ...`` SSE strings of a stream ending
 with ``data: [DONE]``. Every failure is a value, ``{"error": {"message", "type", "param", "code"}}``: no traceback
-reaches a client and a bad job never stops the worker. The engine and llama_cpp are never imported here.
+reaches a client and a bad job never stops the worker. As over HTTP, a typed error goes to the client as itself,
+and anything else is a bug: logged with its traceback, while the client's error names only the job id
+(``client_error``). The engine and llama_cpp are never imported here.
 
 ``Worker`` also holds the concurrency the SDK reads in its tight loop (``concurrency_modifier``), following the
 engine's free slots.
@@ -19,20 +21,15 @@ from typing import Any
 from ray.serve.handle import DeploymentHandle
 
 from serve_app import ray_private
-from serve_app.errors import NotReadyError, ServeError
+from serve_app.errors import NotReadyError, ServeError, exception_line
 from serve_app.ray_errors import ray_failure, unwrap_cause
+from serve_app.routes import response_id
 from serve_app.runpod.input import DEFAULT_MAX_INPUT_BYTES, IngressCall, normalise
 
 log = logging.getLogger("serve_app.runpod")
 
 REFRESH_S = 0.5  # how often the concurrency cache is refreshed from Ingress.ready()
 READY_CALL_TIMEOUT_S = 10.0
-
-
-def one_line(text: object, limit: int = 300) -> str:
-    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
-    out = lines[0] if lines else ""
-    return out if len(out) <= limit else out[: limit - 3] + "..."
 
 
 # ---- errors as values ---------------------------------------------------------------------------------------
@@ -50,20 +47,31 @@ class ErrorDetail(dict[str, Any]):
 
 
 def as_serve_error(exc: BaseException) -> ServeError:
-    """Any exception as a typed, client-readable error (never a traceback)."""
+    """Any exception as a typed error for the worker's own log and start-up lines: a Ray failure or a remote
+    ``ServeError`` as itself, anything else as a ``worker error`` naming its type and first line. Clients get
+    ``client_error`` instead, which never shows an unexpected exception's text."""
     typed = ray_failure(exc)
     if typed is not None:
         return typed
-    cause = unwrap_cause(exc)
-    detail = one_line(cause)
-    return ServeError(f"worker error: {type(cause).__name__}{': ' + detail if detail else ''}")
+    return ServeError(f"worker error: {exception_line(unwrap_cause(exc), 300)}")
 
 
-def error_output(error: BaseException | dict[str, Any]) -> dict[str, Any]:
-    """The one translator to a job's error item, from an exception or from the ingress's own error body."""
+def client_error(exc: BaseException, job_id: str) -> ServeError:
+    """What a client is told of ``exc``: a typed failure as itself; anything else is a bug, logged here with its
+    traceback, and the client's error names only the job id to quote (as HTTP's ``replies.internal_error``)."""
+    typed = ray_failure(exc)
+    if typed is not None:
+        return typed
+    log.error("job %s failed: %s", job_id, exception_line(unwrap_cause(exc)), exc_info=exc)
+    return ServeError(f"worker error: internal error (job id {job_id})")
+
+
+def error_output(error: BaseException | dict[str, Any], job_id: str | None = None) -> dict[str, Any]:
+    """The one translator to a job's error item, from an exception (``client_error``) or from the ingress's own
+    error body."""
     if isinstance(error, dict):
         return {"error": ErrorDetail(error)}
-    return {"error": ErrorDetail(as_serve_error(error).to_dict())}
+    return {"error": ErrorDetail(client_error(error, job_id or "unknown").to_dict())}
 
 
 def _output(item: Any) -> Any:
@@ -165,13 +173,14 @@ def concurrency_modifier(current: int) -> int:
 async def handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any] | str]:
     """One RunPod job: one OpenAI response dict, or SSE strings (``data: {...}\\n\\n`` ... ``data: [DONE]\\n\\n``),
     or one ``{"error": {...}}``."""
+    job_id = str(job.get("id") or uuid.uuid4().hex)
     try:
         call = normalise(job.get("input"), WORKER.max_input_bytes)
         ingress = WORKER.ingress()
     except Exception as e:  # InvalidRequestError / RequestTooLargeError / NotReadyError, or a bug: still a value
-        yield error_output(e)
+        yield error_output(e, job_id)
         return
-    request_id = f"{call.id_prefix}-{job.get('id') or uuid.uuid4().hex}"
+    request_id = response_id(call.route, job_id)
     WORKER.in_flight += 1
     try:
         if call.stream:
@@ -179,9 +188,11 @@ async def handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any] | str]:
                 yield _output(item)
         else:
             yield _output(await _unary(ingress, call, request_id))
-    except Exception as e:  # Ray errors (a dead actor, backpressure, ...): an error item, even mid-stream
-        log.warning("job %s failed: %s: %s", request_id, type(e).__name__, one_line(e))
-        yield error_output(e)
+    except Exception as e:  # Ray errors (a dead actor, backpressure, ...) or a bug: an error item, even mid-stream
+        typed = ray_failure(e)
+        if typed is not None:  # a bug is logged, with its traceback, by client_error
+            log.warning("job %s failed: %s", request_id, typed.message)
+        yield error_output(e, job_id)
     finally:
         WORKER.in_flight -= 1
 

@@ -1,9 +1,8 @@
 """RunPod job input -> one ingress call. Pure (pydantic + stdlib): no Ray, no runpod, no engine.
 
-``normalise`` first walks the raw input once (iteratively, so no input can exhaust the stack) and refuses, before
-any other work: an input whose JSON is over the size limit (``request_too_large``), nesting deeper than
-``MAX_DEPTH``, a lone UTF-16 surrogate in any string or key (JSON's ``\\ud800`` escape decodes to one, and no UTF-8
-encoder downstream accepts it), and NaN / Infinity (Python's JSON parser accepts them, JSON does not).
+``normalise`` first walks the raw input once with the one JSON sanity walk (``serve_app.jsonsafe.check_json``:
+the size limit as ``request_too_large``, nesting, lone UTF-16 surrogates, NaN / Infinity), before any other work;
+this is the only place a RunPod body is walked (the ingress validates its shape, not this again).
 
 Accepted shapes (worker-vllm compatible; anything else is an ``InvalidRequestError`` with a readable message):
 
@@ -23,86 +22,21 @@ A missing ``model`` stays missing: the ingress serves one model and fills it in.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
-from serve_app.errors import InvalidRequestError, RequestTooLargeError, invalid_request
-from serve_app.routes import BY_PATH, CHAT, COMPLETIONS, MODELS, OPENAI_ROUTES
+from serve_app.errors import InvalidRequestError, first_error, invalid_request
+from serve_app.jsonsafe import check_json, show
+from serve_app.routes import CHAT, COMPLETIONS, MODELS, OPENAI_ROUTES
 from serve_app.settings import Settings
 
 DEFAULT_MAX_INPUT_BYTES: int = Settings.model_fields["runpod_max_input_bytes"].default
-# Far deeper than any OpenAI body (a tool's JSON schema included), far shallower than what breaks pickling or
-# pydantic (Ray pickles the body with recursion; ~950 levels fail there).
-MAX_DEPTH = 64
 
 # Body keys the legacy shape owns; sampling_params may not override them.
 _RESERVED = frozenset({"messages", "prompt", "stream"})
 # vLLM SamplingParams names that differ from ours.
 _RENAMES = {"repetition_penalty": "repeat_penalty"}
-
-
-# ---- the one walk over the raw input ------------------------------------------------------------------------
-
-
-def _show(key: str, limit: int = 40) -> str:
-    """A key as it can appear in a message: surrogates escaped, long keys cut."""
-    text = key.encode("utf-8", "backslashreplace").decode("utf-8")
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _check_text(text: str, path: str) -> int:
-    """The UTF-8 size of ``text``; ``InvalidRequestError`` if it holds a lone surrogate."""
-    if text.isascii():
-        return len(text)
-    try:
-        return len(text.encode("utf-8"))
-    except UnicodeEncodeError:
-        raise InvalidRequestError(f"{path}: contains a lone UTF-16 surrogate, which is not valid Unicode text",
-                                  param=path) from None
-
-
-def _scalar_size(value: Any, path: str) -> int:
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            literal = "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
-            raise InvalidRequestError(f"{path}: {literal} is not a JSON number", param=path)
-        return len(repr(value))
-    if isinstance(value, bool) or value is None:
-        return 5
-    if isinstance(value, int):
-        return value.bit_length() * 10 // 33 + 2  # decimal digits, without str() (limited to 4300 digits)
-    return 8
-
-
-def check_input(raw: Any, max_bytes: int) -> None:
-    """Refuse an input over ``max_bytes`` of compact JSON (strings counted without escapes), nested deeper than
-    ``MAX_DEPTH``, or holding a lone surrogate or NaN/Infinity; stops at the first problem, so a huge input costs
-    no more than ``max_bytes`` of walking."""
-    total = 0
-    stack: list[tuple[str, Any, int]] = [("", raw, 0)]
-    while stack:
-        path, value, depth = stack.pop()
-        where = path or "input"
-        if isinstance(value, dict | list):
-            if depth >= MAX_DEPTH:
-                raise InvalidRequestError(f"{where}: nested more than {MAX_DEPTH} levels deep", param=where)
-            total += 2 + len(value)  # brackets and separators
-            items = value.items() if isinstance(value, dict) else enumerate(value)
-            for key, item in items:
-                if total > max_bytes:
-                    break
-                sub = f"{path}.{_show(str(key))}" if path else _show(str(key))
-                if isinstance(key, str):
-                    total += _check_text(key, sub) + 3
-                stack.append((sub, item, depth + 1))
-        elif isinstance(value, str):
-            total += _check_text(value, where) + 2
-        else:
-            total += _scalar_size(value, where)
-        if total > max_bytes:
-            raise RequestTooLargeError(f"the job input is over {max_bytes} bytes of JSON", param="input")
 
 
 # ---- the shapes ---------------------------------------------------------------------------------------------
@@ -116,11 +50,6 @@ class IngressCall(BaseModel):
     route: str
     body: dict[str, Any] | None = None
     stream: bool = False
-
-    @property
-    def id_prefix(self) -> str:
-        """The OpenAI id prefix the HTTP routes use for this route (``chatcmpl``/``cmpl``)."""
-        return BY_PATH[self.route].id_prefix or "req"
 
 
 class _Strict(BaseModel):
@@ -164,10 +93,10 @@ def _validate(cls: type[M], raw: dict[str, Any]) -> M:
     try:
         return cls.model_validate(raw)
     except ValidationError as e:
-        first = e.errors(include_url=False, include_input=False)[0]
-        if first["type"] != "extra_forbidden":
+        first = first_error(e)
+        if first is None or first["type"] != "extra_forbidden":
             raise invalid_request(e) from None
-        loc = ".".join(_show(str(x)) for x in first["loc"])
+        loc = ".".join(show(str(x)) for x in first["loc"])
         allowed = ", ".join(f"'{k}'" for k in cls.model_fields)
         raise InvalidRequestError(
             f"unknown key '{loc}' in the job input of {_SHAPES[cls]}; accepted keys: {allowed}", param=loc
@@ -179,7 +108,7 @@ def _route(route: str | None, param: str) -> str:
         return CHAT
     norm = "/" + route.strip().strip("/")
     if norm not in OPENAI_ROUTES:
-        raise InvalidRequestError(f"unsupported {param} '{_show(route, 80)}'; supported: {', '.join(OPENAI_ROUTES)}",
+        raise InvalidRequestError(f"unsupported {param} '{show(route, 80)}'; supported: {', '.join(OPENAI_ROUTES)}",
                                   param=param)
     return norm
 
@@ -225,9 +154,9 @@ def _legacy(job: LegacyJobInput) -> IngressCall:
 
 
 def normalise(raw: Any, max_bytes: int = DEFAULT_MAX_INPUT_BYTES) -> IngressCall:
-    """Check a job's ``input`` (``check_input``), validate its shape and turn it into one ingress call. Raises
-    ``InvalidRequestError`` or ``RequestTooLargeError``."""
-    check_input(raw, max_bytes)
+    """Check a job's ``input`` (``jsonsafe.check_json``), validate its shape and turn it into one ingress call.
+    Raises ``InvalidRequestError`` or ``RequestTooLargeError``."""
+    check_json(raw, root="input", max_bytes=max_bytes)
     if not isinstance(raw, dict):
         raise InvalidRequestError(f"the job input must be a JSON object, got {type(raw).__name__}", param="input")
     keys = set(raw)
@@ -242,7 +171,7 @@ def normalise(raw: Any, max_bytes: int = DEFAULT_MAX_INPUT_BYTES) -> IngressCall
         return _request(route, px.body, "body")
     if keys & {"messages", "prompt"}:
         return _legacy(_validate(LegacyJobInput, raw))
-    got = ", ".join(f"'{_show(str(k))}'" for k in sorted(keys, key=str)) or "none"
+    got = ", ".join(f"'{show(str(k))}'" for k in sorted(keys, key=str)) or "none"
     raise InvalidRequestError(
         "unrecognised job input: expected 'openai_route'/'openai_input' (OpenAI), or 'messages'/'prompt' with "
         f"optional 'sampling_params' and 'stream' (legacy); got keys: {got}", param="input")

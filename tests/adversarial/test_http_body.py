@@ -11,7 +11,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from serve_app.errors import InvalidRequestError, RequestTooLargeError
-from serve_app.ingress.body import MAX_JSON_DEPTH, check_json, parse_json, read_body
+from serve_app.ingress.body import parse_json, read_body
+from serve_app.jsonsafe import MAX_DEPTH, check_json
 
 
 async def chunks(n: int, size: int) -> AsyncIterator[bytes]:
@@ -48,16 +49,16 @@ def test_the_limit_holds_while_reading() -> None:
 
 
 def test_depth_is_bounded_without_recursion() -> None:
-    ok = "[" * MAX_JSON_DEPTH + "]" * MAX_JSON_DEPTH
+    ok = "[" * MAX_DEPTH + "]" * MAX_DEPTH
     assert parse_json(ok.encode()) is not None
-    for raw in ("[" * (MAX_JSON_DEPTH + 1) + "]" * (MAX_JSON_DEPTH + 1), "[" * 200_000, '{"a":' * 900 + "1" + "}" * 900):
+    for raw in ("[" * (MAX_DEPTH + 1) + "]" * (MAX_DEPTH + 1), "[" * 200_000, '{"a":' * 900 + "1" + "}" * 900):
         with pytest.raises(InvalidRequestError, match="nested too deeply"):
             parse_json(raw.encode())
     deep: object = 1
     for _ in range(100_000):  # a value built in memory (the RunPod path): checked iteratively too
         deep = [deep]
     with pytest.raises(InvalidRequestError, match="nested too deeply"):
-        check_json(deep)
+        check_json(deep, root="body")
 
 
 @pytest.mark.parametrize("raw", [b'{"a":"\\ud800"}', b'{"\\udc00":1}', b'["ok", ["x\\udfffy"]]'])

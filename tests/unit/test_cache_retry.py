@@ -30,7 +30,7 @@ def transient(exc: BaseException) -> bool:
 def test_transient_failures_are_retried_with_exponential_backoff() -> None:
     sleeps: list[float] = []
     call = Flaky([ConnectionError("a"), ConnectionError("b")])
-    policy = RetryPolicy(attempts=3, backoff_base_s=1.0, backoff_max_s=1.5, deadline_s=300)
+    policy = RetryPolicy(attempts=3, backoff_base_s=1.0, backoff_max_s=1.5)
     got = retry(call, policy, Deadline(300), retryable=transient, what="x", sleep=sleeps.append)
     assert got == "ok" and call.calls == 3 and sleeps == [1.0, 1.5]
 

@@ -104,6 +104,19 @@ def test_draining_is_a_503_with_retry_after(svc: FakeService) -> None:
     assert ready.status_code == 503 and ready.json()["status"] == "shutting_down" and ready.headers["retry-after"]
 
 
+def test_retry_after_follows_its_one_rule(svc: FakeService) -> None:
+    # a refused request may come back after 1 s; /ready, while it is not ready, asks probes to wait 2 s
+    draining = build_asgi_app(svc, api_keys=[], max_body_bytes=1 << 20,  # type: ignore[arg-type]
+                              is_shutting_down=lambda: True)
+    assert call(draining, "POST", "/v1/completions", json={}).headers["retry-after"] == "1"
+    assert call(draining, "GET", "/ready").headers["retry-after"] == "2"
+    svc.fail = QueueFullError("full")
+    full = build_asgi_app(svc, api_keys=[], max_body_bytes=1 << 20)  # type: ignore[arg-type]
+    assert call(full, "POST", "/v1/chat/completions", json={}).headers["retry-after"] == "1"
+    ok = call(full, "GET", "/ready")
+    assert ok.status_code == 200 and "retry-after" not in ok.headers
+
+
 def test_queue_full_is_a_429_with_retry_after(svc: FakeService) -> None:
     svc.fail = QueueFullError("full")
     app = build_asgi_app(svc, api_keys=[], max_body_bytes=1 << 20)  # type: ignore[arg-type]

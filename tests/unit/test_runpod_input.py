@@ -18,9 +18,9 @@ from ray.exceptions import ActorDiedError, RayTaskError
 from ray.serve.exceptions import BackPressureError, RequestCancelledError
 
 from serve_app.errors import InvalidRequestError, QueueFullError
-from serve_app.routes import CHAT, COMPLETIONS, MODELS
+from serve_app.routes import CHAT, COMPLETIONS, MODELS, response_id
 from serve_app.runpod.bootstrap import _deploy_failure
-from serve_app.runpod.handler import Worker, as_serve_error, concurrency_target
+from serve_app.runpod.handler import Worker, as_serve_error, concurrency_target, error_output
 from serve_app.runpod.input import IngressCall, normalise
 
 MSGS = [{"role": "user", "content": "hi"}]
@@ -44,12 +44,12 @@ def test_openai_chat_non_stream() -> None:
     body = {"model": "m", "messages": MSGS, "max_tokens": 8}
     call = normalise({"openai_route": "/v1/chat/completions", "openai_input": body})
     assert call == IngressCall(route=CHAT, body=body, stream=False)
-    assert call.id_prefix == "chatcmpl"
+    assert response_id(call.route, "job1") == "chatcmpl-job1"
 
 
 def test_openai_stream_flag_comes_from_the_body() -> None:
     call = normalise({"openai_route": "/v1/completions", "openai_input": {"prompt": "x", "stream": True}})
-    assert (call.route, call.stream, call.id_prefix) == (COMPLETIONS, True, "cmpl")
+    assert (call.route, call.stream, response_id(call.route, "j")) == (COMPLETIONS, True, "cmpl-j")
 
 
 def test_openai_input_alone_defaults_to_chat() -> None:
@@ -242,6 +242,28 @@ def test_ray_failures_become_typed_values() -> None:
     assert err.message == "worker error: ValueError: bad" and err.to_dict()["type"] == "server_error"
     typed = RayTaskError("openai", "tb", QueueFullError("full")).as_instanceof_cause()
     assert as_serve_error(typed).code == "queue_full"
+
+
+def test_a_bug_reaches_the_client_as_the_job_id_only_and_is_logged_with_its_traceback(
+        caplog: pytest.LogCaptureFixture) -> None:
+    wrapped = RayTaskError("openai", "Traceback (most recent call last):\n  File x",
+                           ValueError("secret path /srv/x"))
+    for exc in (ValueError("secret path /srv/x"), wrapped.as_instanceof_cause()):
+        caplog.clear()
+        with caplog.at_level("ERROR", logger="serve_app.runpod"):
+            err = error_output(exc, "job-7")["error"]
+        assert err["message"] == "worker error: internal error (job id job-7)", err
+        assert err["code"] == "internal_error" and "secret" not in str(err)
+        assert [r.exc_info for r in caplog.records if "job-7" in r.getMessage() and r.exc_info], caplog.text
+    typed = error_output(QueueFullError("full"), "job-8")["error"]  # a typed error is itself, not logged as a bug
+    assert typed["code"] == "queue_full" and typed["message"] == "full"
+
+
+def test_response_ids_have_one_builder() -> None:
+    assert response_id(CHAT, "r1") == "chatcmpl-r1" and response_id(COMPLETIONS, "r1") == "cmpl-r1"
+    assert response_id(MODELS, "r1") == "req-r1"
+    fresh = response_id(CHAT)
+    assert fresh.startswith("chatcmpl-") and len(fresh) == len("chatcmpl-") + 24 and fresh != response_id(CHAT)
 
 
 def test_a_failed_deploy_is_summarised_on_one_line() -> None:

@@ -15,8 +15,9 @@ from typing import Any
 import pytest
 
 from serve_app.errors import InvalidRequestError, RequestTooLargeError
+from serve_app.jsonsafe import MAX_DEPTH, check_json
 from serve_app.runpod.handler import error_output
-from serve_app.runpod.input import DEFAULT_MAX_INPUT_BYTES, MAX_DEPTH, check_input, normalise
+from serve_app.runpod.input import DEFAULT_MAX_INPUT_BYTES, normalise
 
 MSGS = [{"role": "user", "content": "hi"}]
 
@@ -48,14 +49,14 @@ def test_under_the_limit_passes_and_the_estimate_is_close_to_the_json_size() -> 
     job = {"openai_input": {"messages": [{"role": "user", "content": "hello " * 100}], "max_tokens": 8,
                             "temperature": 0.5, "stop": ["\n"], "stream": False}}
     size = len(json.dumps(job, separators=(",", ":")).encode())
-    check_input(job, size + 8)
+    check_json(job, root="input", max_bytes=size + 8)
     with pytest.raises(RequestTooLargeError):
-        check_input(job, size - 16)
+        check_json(job, root="input", max_bytes=size - 16)
 
 
 def test_a_wide_input_stops_early() -> None:
     with pytest.raises(RequestTooLargeError):
-        check_input({"prompt": [0] * 5_000_000}, 4096)
+        check_json({"prompt": [0] * 5_000_000}, root="input", max_bytes=4096)
 
 
 @pytest.mark.parametrize(("job", "param"), [
@@ -98,9 +99,9 @@ def test_nan_and_infinity_are_not_json_numbers(value: float, literal: str) -> No
 
 
 def test_huge_integers_are_sized_without_str() -> None:
-    check_input({"prompt": "x", "sampling_params": {"seed": 10**4000}}, 8192)
+    check_json({"prompt": "x", "sampling_params": {"seed": 10**4000}}, root="input", max_bytes=8192)
     with pytest.raises(RequestTooLargeError):
-        check_input({"prompt": "x", "sampling_params": {"seed": 10**4000}}, 2048)
+        check_json({"prompt": "x", "sampling_params": {"seed": 10**4000}}, root="input", max_bytes=2048)
 
 
 def test_an_error_item_prints_as_json() -> None:
