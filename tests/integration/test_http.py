@@ -157,7 +157,7 @@ def guarded_app(ray_session: str, tmp_path_factory: pytest.TempPathFactory) -> s
     d = tmp_path_factory.mktemp("evil")
     path = write_gguf(d / "evil.gguf", ModelSpec(chat_template=EVIL, name="evil"))
     args = {"model": {"filename": str(path)}, "cache_dir": str(d / "volume"), "accelerator": "cpu",
-            "engine": {"n_parallel": 1, "n_ctx_per_slot": 512, "max_queue": 1},
+            "engine": {"n_parallel": 1, "n_ctx_per_slot": 512, "max_queued_requests": 1},
             "server": {"api_keys": ["sk-test-1", "sk-test-2"], "served_model_name": "evil"}}
     serve.run(build_app(args), name="guarded", route_prefix="/guarded")
     base = f"{ray_session}/guarded"

@@ -248,7 +248,7 @@ def test_worker_starts_ray_and_the_app_from_the_config(tiny_model: Path, tmp_pat
         "applications": [{
             "name": "llm", "route_prefix": "/", "import_path": "serve_app.builder:build_app",
             "args": {"model": {"filename": str(tiny_model)}, "cache_dir": str(tmp_path / "volume"),
-                     "accelerator": "cpu", "engine": {"n_parallel": 2, "n_ctx_per_slot": 256, "max_queue": 2}},
+                     "accelerator": "cpu", "engine": {"n_parallel": 2, "n_ctx_per_slot": 256, "max_queued_requests": 2}},
         }],
     }))
     log_path = tmp_path / "worker.log"
