@@ -105,6 +105,11 @@ class EngineConfig(_Strict):
                           stacklevel=2)
         return data
 
+    @property
+    def max_queue(self) -> int:
+        """Deprecated name of ``max_queued_requests``, for code written against it."""
+        return self.max_queued_requests
+
 
 class BatchingConfig(_Strict):
     """Ray Serve ``@serve.batch`` admission in front of the engine (see README). Changeable live."""

@@ -60,6 +60,16 @@ class ModelNotFoundError(ServeError):
     error_type = "invalid_request_error"
 
 
+class NoRouteError(InvalidRequestError):
+    code = "not_found"
+    status = 404
+
+
+class MethodNotAllowedError(InvalidRequestError):
+    code = "method_not_allowed"
+    status = 405
+
+
 class AuthenticationError(ServeError):
     code = "invalid_api_key"
     status = 401

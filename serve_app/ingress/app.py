@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route as StarletteRoute
 from starlette.types import ASGIApp
 
-from serve_app.errors import InvalidRequestError, ServeError
+from serve_app.errors import MethodNotAllowedError, NoRouteError, ServeError
 from serve_app.routes import ROUTES, Route, response_id
 
 from .body import parse_json, read_body
@@ -116,16 +116,6 @@ def endpoint(ctx: Ctx, route: Route, observe: Observer | None) -> Callable[[Requ
         return resp
 
     return handle
-
-
-class NoRouteError(InvalidRequestError):
-    code = "not_found"
-    status = 404
-
-
-class MethodNotAllowedError(InvalidRequestError):
-    code = "method_not_allowed"
-    status = 405
 
 
 async def no_route(request: Request, exc: Exception) -> Response:
