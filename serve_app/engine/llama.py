@@ -91,6 +91,8 @@ class LlamaModelHandle:
             raise ModelLoadError(f"llama.cpp could not load the model file {os.path.basename(path)}")
         self.vocab = L.llama_model_get_vocab(self.ptr)
         self._to_piece, self._is_eog = L.llama_token_to_piece, L.llama_vocab_is_eog  # per token: skip the lookups
+        self._pieces: dict[int, bytes] = {}
+        self._pieces_special: dict[int, bytes] = {}
         self.n_vocab = int(L.llama_vocab_n_tokens(self.vocab))
         self.bos = int(L.llama_vocab_bos(self.vocab))
         self.eos = int(L.llama_vocab_eos(self.vocab))
@@ -163,12 +165,19 @@ class LlamaModelHandle:
         return list(buf[:n])
 
     def piece(self, token: int, special: bool = False) -> bytes:
-        buf = ctypes.create_string_buffer(64)
-        n = self._to_piece(self.vocab, token, buf, len(buf), 0, special)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
+        # Filled as tokens are seen (at most one small entry per vocabulary token): every generated token and every
+        # detokenized id is a dict lookup instead of a buffer allocation and a C call. Dict reads and writes are
+        # atomic, so the engine thread and the prompt pool share it safely.
+        cache = self._pieces_special if special else self._pieces
+        out = cache.get(token)
+        if out is None:
+            buf = ctypes.create_string_buffer(64)
             n = self._to_piece(self.vocab, token, buf, len(buf), 0, special)
-        return buf.raw[:n]
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = self._to_piece(self.vocab, token, buf, len(buf), 0, special)
+            out = cache[token] = buf.raw[:n]
+        return out
 
     def detokenize(self, tokens: list[int], special: bool = False) -> str:
         return b"".join(self.piece(t, special) for t in tokens).decode("utf-8", "replace")

@@ -165,7 +165,9 @@ def test_permanent_load_failure_stays_failed_without_restarts_or_retries(code: s
 
 
 def test_streams_keep_flowing_during_large_tokenize_and_detokenize_calls(llm_app: str) -> None:
-    # Sizes where LlamaModel's own work dominates (100k ids take ~0.4 s to detokenize here, ~0.05 s to parse).
+    # Sizes where LlamaModel's own work dominates: tokenizing 480 KB is one llama.cpp call of about 0.1 s on a
+    # 2-core CPU, and a 100k-id detokenize took about 0.4 s before pieces were cached; on the event loop, either
+    # stalls every stream. (The unit test test_tokenize_and_detokenize_run_off_the_event_loop pins where they run.)
     text = "hello world " * 40_000
     ids = httpx.post(f"{llm_app}/tokenize", json={"content": text}, timeout=120).json()["tokens"]
     bodies = {"/tokenize": json.dumps({"content": text}), "/detokenize": json.dumps({"tokens": (ids * 10)[:100_000]})}
