@@ -34,8 +34,10 @@ _SPECIALS = [("<unk>", 2), ("<s>", 3), ("</s>", 3), ("<|im_start|>", 3), ("<|im_
 BOS_ID, EOS_ID, IM_END_ID = 1, 2, 4
 
 
-def synthetic_vocab() -> tuple[list[str], list[float], list[int]]:
-    """Tokens, scores and token types of the synthetic SPM vocabulary."""
+def synthetic_vocab(size: int = 0) -> tuple[list[str], list[float], list[int]]:
+    """Tokens, scores and token types of the synthetic SPM vocabulary, padded with filler word pieces up to
+    ``size`` tokens when that is larger (what a real 32k-256k vocabulary costs per step: the output matrix, the
+    argmax, a grammar mask)."""
     tokens = [t for t, _ in _SPECIALS]
     types = [ty for _, ty in _SPECIALS]
     scores = [0.0] * len(tokens)
@@ -57,6 +59,11 @@ def synthetic_vocab() -> tuple[list[str], list[float], list[int]]:
         types.append(1)  # NORMAL
         # Longer pieces score higher so the SPM merge loop prefers them.
         scores.append(-1000.0 + 10.0 * len(p) - i * 1e-3)
+    # Fillers score below every real piece, so the tokenizer never prefers them for the words above.
+    for i in range(max(0, size - len(tokens))):
+        tokens.append(f"\u2581x{i:x}q")
+        types.append(1)
+        scores.append(-5000.0 - i * 1e-3)
     return tokens, scores, types
 
 
@@ -74,12 +81,13 @@ class ModelSpec:
     out_std: float = 4.0
     chat_template: str | None = CHATML_TEMPLATE
     name: str = "tiny-test"
+    vocab_size: int = 0  # 0: the synthetic vocabulary as is (a few hundred tokens); more pads it with fillers
 
 
 def write_gguf(path: str | os.PathLike[str], spec: ModelSpec = ModelSpec()) -> str:
     """Write the model to ``path`` and return the path. Deterministic for a given spec."""
     path = os.fspath(path)
-    tokens, scores, types = synthetic_vocab()
+    tokens, scores, types = synthetic_vocab(spec.vocab_size)
     n_vocab = len(tokens)
     head_dim = spec.n_embd // spec.n_head
     qt = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16}[spec.dtype]
@@ -140,6 +148,9 @@ def write_gguf(path: str | os.PathLike[str], spec: ModelSpec = ModelSpec()) -> s
 
 
 BENCH_SPEC = ModelSpec(n_layer=12, n_embd=768, n_head=12, n_head_kv=4, n_ff=4096, ctx=4096, name="bench-150m")
+# The same shape with a 32,000-token vocabulary, for workloads whose per-step cost grows with the vocabulary.
+BENCH_SPEC_32K = ModelSpec(n_layer=12, n_embd=768, n_head=12, n_head_kv=4, n_ff=4096, ctx=4096, vocab_size=32000,
+                           name="bench-150m-32k")
 
 
 def main(argv: list[str] | None = None) -> None:
