@@ -14,18 +14,24 @@ Ray name (the same test checks that).
   (the Ingress calling LlamaModel, the RunPod worker calling the Ingress, with ``server.low_latency``).
 * ``SERVE_CONTROLLER_NAME`` and the controller's ``get_http_config``: Serve's HTTP options, which no public API
   gives a replica (the Ingress warns when they listen beyond loopback without API keys).
+* the controller's ``_all_running_replicas`` (each replica's actor name) and a replica actor's ``handle_request``
+  with a pickled ``RequestMetadata`` (what Serve's own router sends): a call on ONE given replica, which no
+  public handle offers. ``/stats``, readiness, the RunPod worker's concurrency and the drain reach every
+  LlamaModel replica this way (``serve_app.replicas``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import pickle
+import uuid
 from typing import Any
 
 from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 from ray.serve.handle import DeploymentHandle
 
-__all__ = ["SERVE_NAMESPACE", "by_value", "enable_token_auth_if_available", "resolve_address",
-           "serve_http_options", "start_serve_and_deploy"]
+__all__ = ["SERVE_NAMESPACE", "by_value", "call_replica", "enable_token_auth_if_available", "replica_actors",
+           "resolve_address", "serve_http_options", "start_serve_and_deploy"]
 
 
 def resolve_address(address: str) -> str | None:
@@ -74,3 +80,29 @@ async def serve_http_options(timeout_s: float) -> tuple[str | None, str | None]:
     controller = await asyncio.to_thread(ray.get_actor, SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
     opts = await asyncio.wait_for(controller.get_http_config.remote(), timeout_s)
     return opts.host, str(opts.location) if opts.location is not None else None
+
+
+async def replica_actors(app_name: str, deployment: str, timeout_s: float) -> dict[str, Any]:
+    """``{replica id: actor handle}`` of every RUNNING replica of ``deployment`` in ``app_name``, as Serve's
+    controller knows them. Raises whatever Ray raises when there is no controller or its API changed."""
+    import ray
+    from ray.serve._private.common import DeploymentID
+
+    controller = await asyncio.to_thread(ray.get_actor, SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    running = await asyncio.wait_for(controller._all_running_replicas.remote(), timeout_s)
+    infos = running.get(DeploymentID(name=deployment, app_name=app_name), [])
+    out: dict[str, Any] = {}
+    for info in infos:
+        out[info.replica_id.unique_id] = await asyncio.to_thread(
+            ray.get_actor, info.actor_name, namespace=SERVE_NAMESPACE)
+    return out
+
+
+def call_replica(actor: Any, app_name: str, method: str, *args: Any) -> Any:
+    """``method(*args)`` of the deployment's user class on exactly the replica ``actor`` (an awaitable ObjectRef),
+    sent the way Serve's router sends a unary handle call."""
+    from ray.serve._private.common import RequestMetadata
+
+    rid = uuid.uuid4().hex
+    meta = RequestMetadata(request_id=rid, internal_request_id=rid, call_method=method, app_name=app_name)
+    return actor.handle_request.remote(pickle.dumps(meta), *args)

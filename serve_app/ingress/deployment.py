@@ -15,6 +15,7 @@ from serve_app import ray_private
 from serve_app.config import ServerConfig
 from serve_app.errors import InvalidRequestError, ServeError, ShuttingDownError
 from serve_app.metrics import IngressMetrics
+from serve_app.replicas import Replicas, combine
 from serve_app.routes import BY_PATH, OPENAI_ROUTES
 from serve_app.settings import Settings
 
@@ -35,6 +36,7 @@ class Ingress:
             # 1 ms less each way per request and per streamed item (docs/benchmarks.md).
             model = ray_private.by_value(model)
         self.service = OpenAIService(model, model_id, default_max_tokens)
+        self.service.replicas = Replicas(model.app_name, model.deployment_name)
         self.api_keys = [*server.api_keys, *Settings().api_keys]
         self.max_body_bytes = server.max_body_bytes
         self.metrics = IngressMetrics()
@@ -48,8 +50,8 @@ class Ingress:
 
     async def drain(self, timeout_s: float = 30.0) -> dict[str, Any]:
         """Graceful stop, step one: refuse new requests with 503 (and /ready says so, so balancers move away),
-        let in-flight generations finish, return when the model is idle or ``timeout_s`` passed. Then delete the
-        app (``python -m serve_app.drain`` does both)."""
+        let in-flight generations finish, return when every LlamaModel replica is idle or ``timeout_s`` passed.
+        Then delete the app (``python -m serve_app.drain`` does both, on every Ingress replica)."""
         self.draining = True
         deadline = asyncio.get_running_loop().time() + timeout_s
         info = await self.service.info()
@@ -57,12 +59,15 @@ class Ingress:
             await asyncio.sleep(0.1)
             info = await self.service.info()
         return {"drained": not (info.slots_busy or info.waiting), "slots_busy": info.slots_busy,
-                "waiting": info.waiting}
+                "waiting": info.waiting, "model_replicas": len(await self.service.replica_infos())}
 
     # ---- handle API (RunPod worker) -------------------------------------------------------------------------
 
     async def ready(self) -> dict[str, Any]:
-        return (await self.service.info()).model_dump()
+        """Every LlamaModel replica together (slots summed: the RunPod worker's concurrency), and how many."""
+        infos = await self.service.replica_infos()
+        info = combine(list(infos.values())) if infos else await self.service.one_info()
+        return {**info.model_dump(), "replicas": len(infos)}
 
     async def openai(self, route: str, body: dict[str, Any] | None, request_id: str | None = None) -> dict[str, Any]:
         """One OpenAI call, non-streaming; errors come back as ``{"error": {...}}`` values."""

@@ -28,6 +28,7 @@ from serve_app.protocol import (
     raise_if_error,
 )
 from serve_app.ray_errors import ray_failure
+from serve_app.replicas import Replicas, combine
 from serve_app.routes import CHAT, COMPLETIONS, response_id
 from serve_app.schemas import (
     ChatCompletionRequest,
@@ -79,10 +80,38 @@ class OpenAIService:
         self.model = model
         self.model_id = model_id
         self.default_max_tokens = default_max_tokens
+        # Every LlamaModel replica, for the figures of the whole set (None: only the replica a call reaches).
+        self.replicas: Replicas | None = None
 
     # ---- small routes --------------------------------------------------------------------------------------
 
+    async def replica_infos(self) -> dict[str, ModelInfo]:
+        """Every LlamaModel replica's info by replica id; {} when Serve's controller cannot list them."""
+        if self.replicas is None:
+            return {}
+        try:
+            return await asyncio.wait_for(self.replicas.infos(), INFO_TIMEOUT_S)
+        except Exception as e:  # no controller, or Ray's API changed: one replica's view is still an answer
+            log.warning("cannot reach every LlamaModel replica (%s); reporting the one a call reaches",
+                        type(e).__name__)
+            return {}
+
     async def info(self) -> ModelInfo:
+        """The state and load of every LlamaModel replica together (``replicas.combine``)."""
+        infos = await self.replica_infos()
+        if infos:
+            return combine(list(infos.values()))
+        return await self.one_info()
+
+    async def stats(self) -> dict[str, Any]:
+        """``/stats``: every LlamaModel replica together (summed), and each one under ``replicas``."""
+        infos = await self.replica_infos()
+        if not infos:
+            return {**(await self.one_info()).model_dump(exclude={"detail"}), "replicas": []}
+        each = [{"replica": rid, **i.model_dump(exclude={"detail"})} for rid, i in sorted(infos.items())]
+        return {**combine(list(infos.values())).model_dump(exclude={"detail"}), "replicas": each}
+
+    async def one_info(self) -> ModelInfo:
         # While LlamaModel has no live replica (restarting after a crash) a handle call waits for one; a readiness
         # probe must get its 503 quickly instead.
         try:

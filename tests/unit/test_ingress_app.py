@@ -46,6 +46,9 @@ class FakeService:
     async def info(self) -> ModelInfo:
         return ModelInfo(state="ready", model="m")
 
+    async def stats(self) -> dict[str, Any]:
+        return {**(await self.info()).model_dump(exclude={"detail"}), "replicas": []}
+
 
 def call(app: Any, method: str, path: str, **kw: Any) -> httpx.Response:
     async def go() -> httpx.Response:

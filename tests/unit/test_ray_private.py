@@ -80,6 +80,23 @@ def test_serve_controller_http_config() -> None:
     assert all(p.default is not p.empty or p.name.startswith("_ray") for p in extra), extra
 
 
+def test_one_replica_calls() -> None:
+    """``replica_actors``: the controller's running replicas by deployment; ``call_replica``: a unary user-method
+    call on one replica actor, with the metadata Serve's router sends."""
+    from ray.serve._private.common import DeploymentID, ReplicaID, RequestMetadata, RunningReplicaInfo
+    from ray.serve._private.controller import ServeController
+    from ray.serve._private.replica import ReplicaActor
+
+    extra = [p for n, p in params(ServeController._all_running_replicas).items() if n != "self"]
+    assert all(p.default is not p.empty or p.name.startswith("_ray") for p in extra), extra
+    assert {"actor_name", "replica_id"} <= set(RunningReplicaInfo.__dataclass_fields__)
+    assert "unique_id" in ReplicaID.__dataclass_fields__
+    assert DeploymentID(name="LlamaModel", app_name="llm") == DeploymentID("LlamaModel", "llm")
+    assert list(params(ReplicaActor.handle_request))[:2] == ["self", "pickled_request_metadata"]
+    meta = RequestMetadata(request_id="r", internal_request_id="r", call_method="info", app_name="llm")
+    assert not (meta.is_http_request or meta.is_grpc_request or meta.is_streaming)
+
+
 def test_no_other_module_imports_a_private_ray_api() -> None:
     private = re.compile(r"^\s*(from|import)\s+ray\.(\w+\.)*_private\b", re.M)
     offenders = [str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
