@@ -23,9 +23,11 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
+    from serve_app import ray_private
     from serve_app.settings import Settings
 
     try:
+        ray_private.enable_token_auth_if_available()  # Ray uses a token by itself only for a cluster it finds
         ray.init(address=a.address or Settings().address(), log_to_driver=False, configure_logging=False)
         handle = serve.get_app_handle(a.app)
         result = asyncio.run(drain_every_ingress(a.app, handle.deployment_name, a.timeout))

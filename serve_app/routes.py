@@ -32,6 +32,7 @@ ROUTES: tuple[Route, ...] = (
     Route("/health", "GET", "health", open=True),
     Route("/v1/health", "GET", "health", open=True),
     Route("/ready", "GET", "ready", open=True),
+    Route("/ping", "GET", "ping", open=True),  # RunPod load-balancing endpoints' probe (ingress/ping.py)
     Route("/stats", "GET", "stats"),
 )
 

@@ -8,7 +8,7 @@ value is needed rather than caching it at import, so a process (or a test) that 
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -30,6 +30,16 @@ class Settings(BaseSettings):
     runpod_ready_timeout_s: float = Field(default=3600.0, gt=0, description="How long the worker waits for ready.")
     runpod_max_input_bytes: int = Field(default=4 * 1024 * 1024, ge=1024,
                                         description="Largest RunPod job input (its JSON), refused before any work.")
+
+    runpod_mode: Literal["auto", "queue", "lb"] = Field(
+        default="auto", description="RunPod endpoint type: queue (jobs) or lb (HTTP on $PORT, /ping on "
+        "$PORT_HEALTH); auto: queue when RunPod hands out jobs (RUNPOD_WEBHOOK_GET_JOB), lb when PORT or "
+        "PORT_HEALTH is set, else queue.")
+
+    # ---- RunPod's own names: its job API (queue endpoints), its ports (load-balancing endpoints) ----
+    runpod_webhook_get_job: str | None = Field(default=None, validation_alias="RUNPOD_WEBHOOK_GET_JOB")
+    port: int | None = Field(default=None, ge=1, le=65535, validation_alias="PORT")
+    port_health: int | None = Field(default=None, ge=1, le=65535, validation_alias="PORT_HEALTH")
 
     # ---- other libraries' and platforms' own names ----
     hf_endpoint: str | None = Field(default=None, validation_alias="HF_ENDPOINT")
@@ -53,7 +63,7 @@ class Settings(BaseSettings):
             return tuple(k.strip() for k in v.split(",") if k.strip())
         return v
 
-    @field_validator("hf_endpoint", "ray_address", mode="before")
+    @field_validator("hf_endpoint", "ray_address", "runpod_webhook_get_job", "port", "port_health", mode="before")
     @classmethod
     def _blank_is_default(cls, v: object) -> object:
         if isinstance(v, str) and not v.strip():
@@ -65,6 +75,20 @@ class Settings(BaseSettings):
 
     def address(self) -> str:
         return self.ray_address or "auto"
+
+    def runpod_endpoint(self) -> Literal["queue", "lb"]:
+        """The endpoint type the RunPod worker serves (``runpod_mode``, or what the environment says)."""
+        if self.runpod_mode != "auto":
+            return self.runpod_mode
+        if self.runpod_webhook_get_job:
+            return "queue"
+        return "lb" if self.port is not None or self.port_health is not None else "queue"
+
+    def health_port(self) -> int | None:
+        """Where /ping answers beside the HTTP API; None when it is the HTTP port itself (the Ingress answers)."""
+        if self.port_health is None or self.port_health == self.port:
+            return None
+        return self.port_health
 
     @field_validator("hf_token", mode="before")
     @classmethod

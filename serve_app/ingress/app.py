@@ -23,6 +23,7 @@ from serve_app.routes import ROUTES, Route, response_id
 from .body import parse_json, read_body
 from .guard import GuardMiddleware, id_to_echo, request_id
 from .openai import OpenAIService, Reply
+from .ping import ping_status
 from .replies import SSEResponse, error_response, internal_error, ready_response
 from .sse import EventStream
 
@@ -77,29 +78,39 @@ async def models(ctx: Ctx, request: Request, route: Route, rid: str) -> Response
 
 
 async def stats(ctx: Ctx, request: Request, route: Route, rid: str) -> Response:
-    return reply((await ctx.service.info()).model_dump(exclude={"detail"}), request)
+    return reply(await ctx.service.stats(), request)
 
 
 async def health(ctx: Ctx, request: Request, route: Route, rid: str) -> Response:
     return JSONResponse({"status": "ok"})
 
 
-async def ready(ctx: Ctx, request: Request, route: Route, rid: str) -> Response:
+async def ready_body(ctx: Ctx) -> dict[str, Any]:
     try:
         info = await ctx.service.info()
     except ServeError as e:  # LlamaModel has no live replica right now (restarting after a crash)
-        return ready_response({"status": "unavailable", "reason": e.message})
+        return {"status": "unavailable", "reason": e.message}
     body: dict[str, Any] = {"status": info.state, "model": info.model}
     if info.state == "failed":
         body["reason"] = info.reason
     if info.state == "ready" and ctx.is_shutting_down():
         body["status"] = "shutting_down"
-    return ready_response(body)
+    return body
+
+
+async def ready(ctx: Ctx, request: Request, route: Route, rid: str) -> Response:
+    return ready_response(await ready_body(ctx))
+
+
+async def ping(ctx: Ctx, request: Request, route: Route, rid: str) -> Response:
+    body = await ready_body(ctx)
+    status = ping_status(body["status"])
+    return Response(status_code=204) if status == 204 else JSONResponse(body, status_code=status)
 
 
 HANDLERS: dict[str, Handler] = {
     "chat": generate, "completions": generate, "tokenize": convert, "detokenize": convert,
-    "models": models, "stats": stats, "health": health, "ready": ready,
+    "models": models, "stats": stats, "health": health, "ready": ready, "ping": ping,
 }
 
 

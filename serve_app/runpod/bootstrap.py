@@ -6,7 +6,11 @@
    per-deployment overrides in the file apply;
 3. waits until ``Ingress.ready()`` says ``ready`` (one readable line and exit 1 on ``failed`` or on timeout);
 4. runs ``runpod.serverless.start`` with the async-generator ``handler``, ``return_aggregate_stream`` and a
-   ``concurrency_modifier`` that follows the engine's slots.
+   ``concurrency_modifier`` that follows the free slots of every LlamaModel replica.
+
+As a load-balancing endpoint (``Settings.runpod_endpoint()``: ``GGUF_SERVE_RUNPOD_MODE=lb``, or ``PORT`` /
+``PORT_HEALTH`` set without RunPod's job API) steps 1-3 are the same, with the Serve config's HTTP port set to
+``$PORT``; then Ray Serve's proxy serves HTTP and ``/ping`` answers on ``$PORT_HEALTH`` (``serve_app.runpod.lb``).
 """
 
 from __future__ import annotations
@@ -14,8 +18,10 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import socket
 import sys
+import threading
 import time
 from typing import Any
 
@@ -88,8 +94,9 @@ def _reachable(hostport: str, timeout_s: float = 5.0) -> bool:
         return False
 
 
-def connect(address: str, config_path: str, app_name: str) -> None:
-    """Join the cluster, or start Ray here and deploy ``config_path`` when there is none to join."""
+def connect(address: str, config_path: str, app_name: str, http_port: int | None = None) -> None:
+    """Join the cluster, or start Ray here and deploy ``config_path`` (its HTTP port set to ``http_port`` when
+    given) when there is none to join."""
     target = _resolve(address)
     if target is not None and not _reachable(target):
         if address != "auto":
@@ -97,8 +104,11 @@ def connect(address: str, config_path: str, app_name: str) -> None:
         log.warning("the last Ray cluster (%s) is gone; starting one here", target)
         target = None
     if target is None:
-        deploy_from_config(config_path, app_name)
+        deploy_from_config(config_path, app_name, http_port)
         return
+    if http_port is not None:
+        log.warning("joining a running cluster: HTTP is served on its Serve proxy's own port, not PORT=%d",
+                    http_port)
     ray_private.enable_token_auth_if_available()
     try:
         # The cluster's owner has the replica logs; this process prints its own lines only.
@@ -130,9 +140,12 @@ def load_config(path: str, app_name: str) -> Any:
     return config
 
 
-def deploy_from_config(path: str, app_name: str) -> None:
+def deploy_from_config(path: str, app_name: str, http_port: int | None = None) -> None:
     """What ``serve run <config>`` does, with the Ray instance owned by this process."""
     config = load_config(path, app_name)
+    if http_port is not None:
+        config = config.model_copy(update={"http_options": config.http_options.model_copy(
+            update={"port": http_port})})
     log.info("no Ray cluster to join: starting Ray here and deploying %s", path)
     ray.init(namespace=ray_private.SERVE_NAMESPACE)
     ray_private.start_serve_and_deploy(config)
@@ -217,6 +230,17 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s runpod-worker: %(message)s")
     try:
         settings = load_settings()
+    except StartupError as e:
+        print(f"runpod worker cannot start: {e}", file=sys.stderr, flush=True)
+        return 1
+    if settings.runpod_endpoint() == "lb":
+        return main_lb(settings)
+    return main_queue(settings)
+
+
+def main_queue(settings: Settings) -> int:
+    """A queue-based endpoint: take jobs from RunPod's job API once the model is ready."""
+    try:
         WORKER.cap = settings.runpod_max_concurrency
         WORKER.max_input_bytes = settings.runpod_max_input_bytes
         connect(settings.address(), settings.config, settings.app_name)
@@ -233,4 +257,31 @@ def main() -> int:
         "return_aggregate_stream": True,
         "concurrency_modifier": concurrency_modifier,
     })
+    return 0
+
+
+def main_lb(settings: Settings) -> int:
+    """A load-balancing endpoint: Ray Serve's proxy serves HTTP on ``$PORT``; ``/ping`` on ``$PORT_HEALTH``."""
+    from serve_app.runpod import lb
+
+    # SIGTERM (RunPod stopping the worker) exits through atexit, so a Ray started here is shut down.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    health = lb.Health()
+    port = settings.health_port()
+    if port is not None:
+        lb.serve_health(health, port)
+    try:
+        connect(settings.address(), settings.config, settings.app_name, http_port=settings.port)
+        handle, info = wait_until_ready(settings.app_name, settings.runpod_ready_timeout_s)
+    except StartupError as e:
+        print(f"runpod worker cannot start: {e}", file=sys.stderr, flush=True)
+        if port is None:
+            return 1
+        # The reason stays in the log: /ping's body names no paths.
+        health.set({"status": "failed", "reason": "the worker cannot start; see its log"})
+        threading.Event().wait()
+        return 1
+    health.set(lb.ready_body(info))
+    log.info("serving HTTP for '%s' (model %s)", settings.app_name, info.get("model"))
+    lb.follow(handle, health, threading.Event(), READY_CALL_TIMEOUT_S)
     return 0
