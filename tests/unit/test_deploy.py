@@ -59,6 +59,23 @@ def test_runpod_template_and_test_input() -> None:
     assert job["input"]["openai_route"] == "/v1/chat/completions"
 
 
+@pytest.mark.parametrize(("env_file", "mode"), [("lb.env", "lb"), ("queue.env", "queue")])
+def test_runpod_endpoint_env_files_select_their_mode(monkeypatch: pytest.MonkeyPatch, env_file: str,
+                                                    mode: str) -> None:
+    from serve_app.settings import Settings
+
+    for var in ("RUNPOD_WEBHOOK_GET_JOB", "PORT", "PORT_HEALTH", "GGUF_SERVE_RUNPOD_MODE"):
+        monkeypatch.delenv(var, raising=False)
+    for line in (REPO / "deploy/runpod" / env_file).read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            monkeypatch.setenv(key, value)
+    settings = Settings()
+    assert settings.runpod_endpoint() == mode
+    if mode == "lb":
+        assert settings.health_port() not in (None, settings.port)
+
+
 def test_quick_start_listens_on_loopback_and_wider_listeners_say_why() -> None:
     assert yaml.safe_load((REPO / "serve_config.yaml").read_text())["http_options"]["host"] == "127.0.0.1"
     for path in [*CONFIGS, "deploy/kuberay/rayservice.yaml"]:
