@@ -82,6 +82,7 @@ class OpenAIService:
         self.default_max_tokens = default_max_tokens
         # Every LlamaModel replica, for the figures of the whole set (None: only the replica a call reaches).
         self.replicas: Replicas | None = None
+        self._fanout_failing = False
 
     # ---- small routes --------------------------------------------------------------------------------------
 
@@ -90,11 +91,15 @@ class OpenAIService:
         if self.replicas is None:
             return {}
         try:
-            return await asyncio.wait_for(self.replicas.infos(), INFO_TIMEOUT_S)
+            infos = await asyncio.wait_for(self.replicas.infos(), INFO_TIMEOUT_S)
         except Exception as e:  # no controller, or Ray's API changed: one replica's view is still an answer
-            log.warning("cannot reach every LlamaModel replica (%s); reporting the one a call reaches",
-                        type(e).__name__)
+            # Once per failure spell: readiness probes and the RunPod worker ask every half second.
+            (log.debug if self._fanout_failing else log.warning)(
+                "cannot reach every LlamaModel replica (%s); reporting the one a call reaches", type(e).__name__)
+            self._fanout_failing = True
             return {}
+        self._fanout_failing = False
+        return infos
 
     async def info(self) -> ModelInfo:
         """The state and load of every LlamaModel replica together (``replicas.combine``)."""

@@ -43,3 +43,45 @@ def test_state_of_the_set(states: list[str], expected: str) -> None:
 def test_no_replica_is_not_a_set() -> None:
     with pytest.raises(ValueError):
         combine([])
+
+
+class _Method:
+    def __init__(self, value: ModelInfo) -> None:
+        self.value = value
+
+    def remote(self) -> object:
+        async def answer() -> ModelInfo:
+            return self.value
+        return answer()
+
+
+class _Model:
+    """A handle whose ``info`` call reaches one replica."""
+
+    def __init__(self, value: ModelInfo) -> None:
+        self.info = _Method(value)
+
+
+class _Replicas:
+    def __init__(self, infos: dict[str, ModelInfo] | None) -> None:
+        self._infos = infos
+
+    async def infos(self) -> dict[str, ModelInfo]:
+        if self._infos is None:
+            raise ConnectionError("no controller")
+        return self._infos
+
+
+def test_the_service_reports_every_replica_and_falls_back_to_one() -> None:
+    import asyncio
+
+    from serve_app.ingress.openai import OpenAIService
+
+    service = OpenAIService(_Model(info("ready", 1)), "m", 16)
+    service.replicas = _Replicas({"a": info("ready", 1, 1), "b": info("loading")})  # type: ignore[assignment]
+    stats = asyncio.run(service.stats())
+    assert (stats["state"], stats["slots_total"], stats["slots_busy"]) == ("ready", 1, 1)
+    assert [r["replica"] for r in stats["replicas"]] == ["a", "b"] and "detail" not in stats["replicas"][0]
+    service.replicas = _Replicas(None)  # type: ignore[assignment]
+    assert asyncio.run(service.info()).slots_total == 1  # the one replica a handle call reaches
+    assert asyncio.run(service.stats())["replicas"] == []
