@@ -8,8 +8,9 @@ serve_app.cache pull`` (which publishes only after size and sha256 matched the H
 trusted on its manifest plus one size check per file, never re-hashed at start: the image's layers are
 content-addressed and verified by the container runtime when they are pulled, so a re-hash would cost seconds
 per GB at every cold start and catch nothing new; the size check catches a manifest that does not describe the
-files next to it. mtimes are not compared because image layers do not keep nanoseconds. Nothing here writes,
-locks or creates anything in a baked directory.
+files next to it. mtimes are not compared because image layers do not keep nanoseconds. ``verify`` (and so
+``heal``, which runs when llama.cpp cannot load a file) does re-hash it, and a baked file that fails is skipped
+for the rest of the process. Nothing here writes, locks or creates anything in a baked directory.
 
 A Hugging Face cache is read only: ``<hub>/models--<owner>--<name>/refs/<revision>`` holds a commit,
 ``snapshots/<commit>/<file>`` links to ``blobs/<etag>``, and the etag is the file's sha256 for LFS files (every
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
-from serve_app.cache.integrity import contained_path, regular_file_stat
+from serve_app.cache.integrity import contained_path, hash_file, regular_file_stat
 from serve_app.cache.layout import Layout
 from serve_app.cache.manifest import FileRecord, ManifestData, ref_key
 from serve_app.cache.names import COMMIT_RE, glob_candidates, is_glob, names_hint, split_part_names
@@ -58,9 +59,11 @@ class BakedImage:
 
     def __init__(self, root: str) -> None:
         self.root = os.path.realpath(root)
+        self._rejected: set[str] = set()  # files that failed a re-hash: never used again by this process
 
-    def find(self, ref: ModelRef) -> CachedFile | None:
-        """The baked file(s) of ``ref`` when the manifest records them and every size matches; else None."""
+    def find(self, ref: ModelRef, *, rehash: bool = False) -> CachedFile | None:
+        """The baked file(s) of ``ref`` when the manifest records them and every size matches (and, with
+        ``rehash``, every sha256); else None."""
         data = self._manifest()
         known = known_in(data, ref) if data is not None else None
         if data is None or known is None:
@@ -76,9 +79,12 @@ class BakedImage:
             except IntegrityError as exc:
                 log.warning("baked model directory %s: %s", self.root, exc)
                 return None
-            if rec is None or path is None or st is None or st.st_size != rec.size:
+            if rec is None or path is None or st is None or path in self._rejected:
+                return None
+            if st.st_size != rec.size or (rehash and hash_file(path).sha256 != rec.sha256):
                 log.warning("baked model directory %s does not hold %s as its manifest says; not using it",
                             self.root, name)
+                self._rejected.add(path)
                 return None
             records.append(rec)
             paths.append(path)

@@ -109,9 +109,9 @@ class ModelStore:
 
     def adopt(self, ref: ModelRef, cache_dirs: list[str], mode: AdoptMode = "auto") -> Adopted:
         """Verify ``ref`` in the first Hugging Face cache that holds it and publish it on this volume."""
-        _validate(ref)
         if ref.is_local:
             return Adopted("missing", [])
+        _validate(ref)
         adopted = self._adopter.adopt(ref, cache_dirs, mode)
         if adopted.state == "present" and adopted.commit is not None:
             self._remember(ref, adopted.commit, [r.filename for r in adopted.records])
@@ -219,7 +219,7 @@ class ModelStore:
                 return CacheStatus(state="missing", repo_id=None, filename=ref.filename, revision=None)
             return present(local_cached(parts, local_records(parts, self.manifest, rehash=rehash)))
         repo_id = _validate(ref)
-        baked = self.baked.find(ref) if self.baked is not None else None
+        baked = self.baked.find(ref, rehash=rehash) if self.baked is not None else None
         if baked is not None:
             return present(baked)
         known = self._known(ref)

@@ -186,3 +186,16 @@ def test_baked_dir_that_disagrees_with_its_manifest_is_skipped(model_hub: FakeHu
         f.write(b"!")
     again = store(tmp_path / "vol", baked=str(baked)).ensure(REF)
     assert again.path.startswith(str(tmp_path / "vol")) and model_hub.body_downloads() == 2
+
+
+def test_baked_file_that_fails_a_rehash_is_healed_onto_the_volume(model_hub: FakeHub, tmp_path: Path) -> None:
+    baked = tmp_path / "opt-models"
+    got = store(baked).ensure(REF)
+    os.chmod(got.path, 0o644)
+    Path(got.path).write_bytes(b"X" + DATA[1:])  # same size: the warm check trusts it, a re-hash does not
+    s = store(tmp_path / "vol", baked=str(baked))
+    assert s.ensure(REF).path == got.path
+    assert s.verify(REF).state == "missing"  # the baked copy is out; the volume has nothing yet
+    healed = s.heal(REF)  # what LlamaModel asks for when llama.cpp cannot load the file
+    assert healed.path.startswith(str(tmp_path / "vol")) and Path(healed.path).read_bytes() == DATA
+    assert s.ensure(REF).path == healed.path
