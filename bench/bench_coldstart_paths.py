@@ -13,6 +13,8 @@ Phases, in seconds from the worker process's start (``spawn``) unless said other
   load_s          llama.cpp model + context + engine thread (ModelInfo.phases; a duration)
   ready_s         the worker saw the model ready and started taking jobs
   first_token_s   the first streamed token of a job queued before the worker started
+  ensure_direct_ms ModelStore.ensure alone, in this process, on fresh directories of the same scenario: the cache
+                  check without waiting for the ModelCache replica (which cache_s includes)
 Prints one JSON object. Every scenario starts a fresh worker, its own Ray instance and an empty page cache is NOT
 forced (the model file stays in the OS page cache between scenarios, as on a warm host).
 
@@ -22,6 +24,7 @@ forced (the model file stays in the OS page cache between scenarios, as on a war
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -94,6 +97,20 @@ def write_config(work: Path, volume: str, port: int, ref: ModelRef) -> Path:
     return config
 
 
+def ensure_direct(scenario: str, hub: FakeHub, ref: ModelRef) -> float:
+    work = Path(tempfile.mkdtemp(prefix=f"cold-direct-{scenario}-"))
+    try:
+        env = prepare(scenario, work, hub, ref)
+        hf = [env["GGUF_SERVE_HF_CACHE_DIRS"]] if env["GGUF_SERVE_HF_CACHE_DIRS"] else []
+        store = ModelStore(env["_VOLUME"], baked_dir=env["GGUF_SERVE_BAKED_DIR"], hf_cache_dirs=hf, progress="none")
+        t0 = time.perf_counter()
+        store.ensure(ref)
+        return time.perf_counter() - t0
+    finally:
+        subprocess.run(["chmod", "-R", "u+w", str(work)], check=False)
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def run_worker(scenario: str, hub: FakeHub, ref: ModelRef) -> dict[str, Any]:
     import httpx
 
@@ -120,7 +137,7 @@ def run_worker(scenario: str, hub: FakeHub, ref: ModelRef) -> dict[str, Any]:
                 stop_process_group(proc)
         return {"ray_up_s": marks["ray_up_s"], "cache_s": round(phases["cache_s"], 3),
                 "load_s": round(phases["load_s"], 3), "ready_s": marks["ready_s"],
-                "first_token_s": marks["first_token_s"]}
+                "first_token_s": marks["first_token_s"], "ensure_direct_ms": 1000 * ensure_direct(scenario, hub, ref)}
     finally:
         subprocess.run(["chmod", "-R", "u+w", str(work)], check=False)
         shutil.rmtree(work, ignore_errors=True)
@@ -149,9 +166,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="a GGUF file (default: the 150M bench model, written to a temp dir)")
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--layers", type=int, default=BENCH_SPEC.n_layer,
+                    help="layers of the generated bench model (12: 253 MB; 48: ~1 GB)")
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))
     a = ap.parse_args()
-    path = a.model or write_gguf(Path(tempfile.mkdtemp(prefix="bench-")) / "bench-150m-F16.gguf", BENCH_SPEC)
+    spec = dataclasses.replace(BENCH_SPEC, n_layer=a.layers)
+    path = a.model or write_gguf(Path(tempfile.mkdtemp(prefix="bench-")) / f"bench-{a.layers}l-F16.gguf", spec)
     ref = ModelRef(repo_id=HUB_REPO, filename=os.path.basename(path))
     out: dict[str, Any] = {"model": os.path.basename(path), "size_mb": round(os.path.getsize(path) / 2**20, 1),
                            "repeats": a.repeats, "scenarios": {}}

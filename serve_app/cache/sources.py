@@ -60,6 +60,7 @@ class BakedImage:
     def __init__(self, root: str) -> None:
         self.root = os.path.realpath(root)
         self._rejected: set[str] = set()  # files that failed a re-hash: never used again by this process
+        self._told: set[str] = set()  # references already logged as not baked
 
     def find(self, ref: ModelRef, *, rehash: bool = False) -> CachedFile | None:
         """The baked file(s) of ``ref`` when the manifest records them and every size matches (and, with
@@ -67,6 +68,8 @@ class BakedImage:
         data = self._manifest()
         known = known_in(data, ref) if data is not None else None
         if data is None or known is None:
+            if data is not None:
+                self._say_not_baked(data, ref)
             return None
         commit, names = known
         records: list[FileRecord] = []
@@ -92,6 +95,15 @@ class BakedImage:
         return CachedFile(repo_id=first.repo_id, filename=first.filename, revision=ref.revision, commit=commit,
                           path=paths[0], size=sum(r.size for r in records), sha256=first.sha256,
                           verified_at=min(r.verified_at for r in records), parts=paths)
+
+    def _say_not_baked(self, data: ManifestData, ref: ModelRef) -> None:
+        """Once per reference: a config that names another model than the one baked is easy to miss."""
+        key = ref_key(ref.repo_id or "", ref.filename, ref.revision)
+        if data.refs and key not in self._told:
+            self._told.add(key)
+            baked = ", ".join(sorted(f"{r.repo_id}/{r.requested}@{r.revision}" for r in data.refs.values()))
+            log.info("the baked model directory %s holds %s, not %s/%s@%s", self.root, baked, ref.repo_id,
+                     ref.filename, ref.revision)
 
     def _manifest(self) -> ManifestData | None:
         try:
