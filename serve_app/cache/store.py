@@ -61,7 +61,10 @@ class ModelStore:
     def __init__(self, cache_dir: str, download: DownloadConfig | None = None, *, progress: str = "auto",
                  baked_dir: str | None = None, hf_cache_dirs: list[str] | None = None) -> None:
         """``baked_dir`` / ``hf_cache_dirs``: None reads ``Settings``; "" / [] turn that source off."""
-        settings = Settings() if baked_dir is None or hf_cache_dirs is None else None
+        if baked_dir is None or hf_cache_dirs is None:
+            settings = Settings()
+            baked_dir = settings.baked_dir if baked_dir is None else baked_dir
+            hf_cache_dirs = list(settings.hf_cache_dirs) if hf_cache_dirs is None else hf_cache_dirs
         self.stats = StoreStats()
         self.config = download or DownloadConfig()
         self.layout = Layout(cache_dir)
@@ -70,10 +73,9 @@ class ModelStore:
         self._checker = Checker(self.layout, self.manifest)
         self._publisher = Publisher(self.layout, self.manifest, self.config, self.stats, progress)
         self._adopter = Adopter(self.layout, self.manifest, self.config, self._publisher)
-        baked = settings.baked_dir if baked_dir is None and settings else baked_dir or ""
         # The baked directory is also where the image build pulls to: there it is this volume, not a source.
-        self.baked = BakedImage(baked) if baked and os.path.realpath(baked) != self.layout.root else None
-        self.hf_cache_dirs = list(settings.hf_cache_dirs if hf_cache_dirs is None and settings else hf_cache_dirs or [])
+        self.baked = BakedImage(baked_dir) if baked_dir and os.path.realpath(baked_dir) != self.layout.root else None
+        self.hf_cache_dirs = list(hf_cache_dirs)
 
     # ---- public API --------------------------------------------------------------------------------------------
 
