@@ -37,6 +37,8 @@ from serve_app.settings import Settings
 log = logging.getLogger("serve_app.cache")
 
 AdoptMode = Literal["auto", "link", "copy"]
+# A Hub that does not answer must not hold up a start that has the file at hand: the recorded hash is the fallback.
+HUB_CHECK_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,7 @@ class Adopter:
         """What each file must hash to: the Hub's metadata of the commit, or the hash its blob name records."""
         if not Settings().hf_offline:
             try:
-                listing = HubClient().listing(repo_id, snap.commit, timeout=self.config.read_timeout_s)
+                listing = HubClient().listing(repo_id, snap.commit, timeout=min(self.config.read_timeout_s, HUB_CHECK_TIMEOUT_S))
                 return listing.files, "hub"
             except Exception as exc:  # unreachable, gated without a token, ...: the recorded hash still holds
                 log.info("Hub metadata for %s@%s unavailable (%s); verifying against the cache's recorded hashes",
