@@ -83,7 +83,8 @@ class Adopter:
         """What each file must hash to: the Hub's metadata of the commit, or the hash its blob name records."""
         if not Settings().hf_offline:
             try:
-                listing = HubClient().listing(repo_id, snap.commit, timeout=min(self.config.read_timeout_s, HUB_CHECK_TIMEOUT_S))
+                timeout = min(self.config.read_timeout_s, HUB_CHECK_TIMEOUT_S)
+                listing = HubClient().listing(repo_id, snap.commit, timeout=timeout)
                 return listing.files, "hub"
             except Exception as exc:  # unreachable, gated without a token, ...: the recorded hash still holds
                 log.info("Hub metadata for %s@%s unavailable (%s); verifying against the cache's recorded hashes",
@@ -107,7 +108,7 @@ class Adopter:
             try:
                 staged = os.path.join(staging, os.path.basename(f.name))
                 linked = _stage(f.blob, staged, mode)
-                sha256 = _verified(staged, remote, linked)
+                sha256 = _verified(staged, remote)
                 if sha256 is None:
                     return None
                 if not linked:
@@ -140,7 +141,7 @@ def _stage(source: str, staged: str, mode: AdoptMode) -> bool:
     return False
 
 
-def _verified(staged: str, remote: RemoteFile, linked: bool) -> str | None:
+def _verified(staged: str, remote: RemoteFile) -> str | None:
     """The sha256 of the staged file when its size and hash are the expected ones; None otherwise."""
     digest = hash_file(staged, git=remote.sha256 is None)
     if digest.size != remote.size:
