@@ -199,3 +199,16 @@ def test_baked_file_that_fails_a_rehash_is_healed_onto_the_volume(model_hub: Fak
     healed = s.heal(REF)  # what LlamaModel asks for when llama.cpp cannot load the file
     assert healed.path.startswith(str(tmp_path / "vol")) and Path(healed.path).read_bytes() == DATA
     assert s.ensure(REF).path == healed.path
+
+
+def test_split_gguf_is_adopted_whole_or_not_at_all(fhub: FakeHub, tmp_path: Path) -> None:
+    parts = [f"big-Q8_0-{i:05d}-of-00002.gguf" for i in (1, 2)]
+    for name in parts:
+        fhub.add_file(REPO, name, name.encode() * 1000)
+        hf_hub_download(REPO, name, cache_dir=str(tmp_path / "hf"), endpoint=fhub.endpoint, token=False)
+    ref = ModelRef(repo_id=REPO, filename="*Q8_0*.gguf")
+    adopted = store(tmp_path / "vol").adopt(ref, [str(tmp_path / "hf")])
+    assert adopted.state == "present" and [r.filename for r in adopted.records] == parts
+    snapshot = next((tmp_path / "hf" / f"models--{REPO.replace('/', '--')}" / "snapshots").iterdir())
+    (snapshot / parts[1]).unlink()  # an incomplete split is not in the cache at all
+    assert store(tmp_path / "vol2").adopt(ref, [str(tmp_path / "hf")]).state == "missing"
