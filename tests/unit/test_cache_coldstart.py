@@ -1,4 +1,5 @@
-"""Cold-start sources of the model cache: a model in a Hugging Face cache (RunPod's cached models) is used only
+"""Cold-start sources of the model cache (the ModelCache deployment reads them from GGUF_SERVE_BAKED_DIR and
+GGUF_SERVE_HF_CACHE_DIRS): a model in a Hugging Face cache (RunPod's cached models) is used only
 after its bytes matched the Hub's sha256 (or, with the Hub unreachable, the hash the cache recorded), a corrupt
 one is never used and is downloaded instead, and the source cache is never modified; a baked read-only directory
 is consulted first, never written, and survives a separate (empty) volume; ``adopt`` answers with its exit code
@@ -212,3 +213,23 @@ def test_split_gguf_is_adopted_whole_or_not_at_all(fhub: FakeHub, tmp_path: Path
     snapshot = next((tmp_path / "hf" / f"models--{REPO.replace('/', '--')}" / "snapshots").iterdir())
     (snapshot / parts[1]).unlink()  # an incomplete split is not in the cache at all
     assert store(tmp_path / "vol2").adopt(ref, [str(tmp_path / "hf")]).state == "missing"
+
+
+def test_the_model_cache_deployment_takes_its_sources_from_the_environment(
+        model_hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    from serve_app.cache.deployment import ModelCache
+    from serve_app.protocol import raise_if_error
+
+    baked = tmp_path / "opt-models"
+    store(baked).ensure(REF)
+    cache = hf_cache(model_hub, tmp_path / "hf")
+    ref = REF.model_dump()
+    monkeypatch.setenv("GGUF_SERVE_BAKED_DIR", str(baked))
+    monkeypatch.setenv("GGUF_SERVE_HF_CACHE_DIRS", f"{tmp_path / 'absent'},{cache}")
+    got = raise_if_error(asyncio.run(ModelCache.func_or_class(str(tmp_path / "vol")).ensure(ref)))
+    assert got.path.startswith(str(baked.resolve()))
+    monkeypatch.setenv("GGUF_SERVE_BAKED_DIR", "")
+    got = raise_if_error(asyncio.run(ModelCache.func_or_class(str(tmp_path / "vol")).ensure(ref)))
+    assert got.path.startswith(str(tmp_path / "vol")) and model_hub.body_downloads() == 0  # adopted
