@@ -41,6 +41,13 @@ class Settings(BaseSettings):
     port: int | None = Field(default=None, ge=1, le=65535, validation_alias="PORT")
     port_health: int | None = Field(default=None, ge=1, le=65535, validation_alias="PORT_HEALTH")
 
+    # ---- cold start: read-only model sources the cache consults (serve_app/cache/sources.py); "" turns off ----
+    baked_dir: str = Field(default="/opt/models",
+                           description="Read-only model directory baked into the image, consulted first.")
+    hf_cache_dirs: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=("/runpod-volume/huggingface-cache/hub",),
+        description="Comma-separated Hugging Face cache directories to adopt verified models from.")
+
     # ---- other libraries' and platforms' own names ----
     hf_endpoint: str | None = Field(default=None, validation_alias="HF_ENDPOINT")
     hf_token: SecretStr | None = Field(default=None, validation_alias="HF_TOKEN")
@@ -56,7 +63,7 @@ class Settings(BaseSettings):
     # ---- engine: the GPU CUDA shows this process (CUDA's own name) ----
     cuda_visible_devices: str | None = Field(default=None, validation_alias="CUDA_VISIBLE_DEVICES")
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "hf_cache_dirs", mode="before")
     @classmethod
     def _split(cls, v: object) -> object:
         if isinstance(v, str):

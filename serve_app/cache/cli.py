@@ -1,10 +1,14 @@
-"""``python -m serve_app.cache``: pull, status, verify, list and rm models on a cache volume.
+"""``python -m serve_app.cache``: pull, adopt, status, verify, list and rm models on a cache volume.
 
 Contract: with ``--json`` the last stdout line is one JSON object (``state``, ``path``, ``size``, ``sha256``,
 ``revision``, ``commit``, ...; ``{"files": [...]}`` for ``list``; ``{"error": {...}}`` on failure). Exit codes:
 0 success / present, 1 error, 2 usage, 3 corrupt, 4 missing, 130 interrupted. A failure prints exactly one
 readable ``error: ...`` line on stderr and never a traceback (``-v`` adds progress, retry and lock-wait lines
 before it). ``HF_ENDPOINT``, ``HF_TOKEN`` and ``HF_HUB_OFFLINE`` apply. Use ``-`` as REPO_ID for a local path.
+
+``adopt`` takes a model from a Hugging Face cache directory (``--from``, repeatable; default: the
+``GGUF_SERVE_HF_CACHE_DIRS`` directories, then ``$HF_HUB_CACHE``) into the volume after verifying it
+(``serve_app/cache/adopt.py``); it never downloads: 4 when no cache holds the file, 3 when it fails verification.
 """
 
 from __future__ import annotations
@@ -12,17 +16,24 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Any
 
 from pydantic import ValidationError
 
+from serve_app.cache.results import cached_from_records
 from serve_app.cache.store import CachedFile, CacheStatus, ModelStore
 from serve_app.config import DownloadConfig, ModelRef
 from serve_app.errors import ServeError, first_problem
+from serve_app.settings import Settings
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CORRUPT, EXIT_MISSING = 0, 1, 2, 3, 4
 _STATE_EXIT = {"present": EXIT_OK, "corrupt": EXIT_CORRUPT, "missing": EXIT_MISSING}
+
+
+class UsageError(Exception):
+    """An argument argparse cannot check (a directory that is not one); exit 2 with one line."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     helps = {
         "pull": "download (if needed) and verify a model file",
+        "adopt": "verify a model in a Hugging Face cache directory and add it to the volume (no download)",
         "status": "present / missing / corrupt, without re-hashing unless size or mtime changed",
         "verify": "re-hash the cached file(s) against the recorded sha256",
         "rm": "delete a cached model and its manifest entries",
@@ -47,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--max-attempts", type=int, default=None)
             cmd.add_argument("--timeout", type=float, default=None, help="overall deadline per file, seconds")
             cmd.add_argument("--read-timeout", type=float, default=None, help="socket read timeout, seconds")
+        if name == "adopt":
+            cmd.add_argument("--from", dest="sources", action="append", metavar="DIR",
+                             help="a Hugging Face hub cache directory (repeatable)")
+            cmd.add_argument("--mode", choices=("auto", "link", "copy"), default="auto",
+                             help="auto: hard link when possible, else copy")
     _common(sub.add_parser("list", help="list cached models", description="list cached models"))
     return parser
 
@@ -91,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps({"files": files}))
         return EXIT_OK
     ref = _ref(args)
+    if args.command == "adopt":
+        return _adopt(store, ref, args)
     if args.command == "rm":
         store.invalidate(ref)
         info: dict[str, Any] = {"state": "missing", "repo_id": ref.repo_id, "filename": ref.filename,
@@ -104,6 +123,31 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info))
     return EXIT_OK if args.command == "rm" else _STATE_EXIT[info["state"]]
+
+
+def _adopt(store: ModelStore, ref: ModelRef, args: argparse.Namespace) -> int:
+    if ref.is_local:
+        raise UsageError("adopt takes a Hub repo id, not '-'")
+    sources = args.sources or [*Settings().hf_cache_dirs, _hf_hub_cache()]
+    bad = [d for d in (args.sources or []) if not os.path.isdir(d)]
+    if bad:
+        raise UsageError(f"--from {bad[0]}: not a directory")
+    adopted = store.adopt(ref, sources, args.mode)
+    info: dict[str, Any] = {"state": adopted.state, "repo_id": ref.repo_id, "filename": ref.filename,
+                            "revision": ref.revision, "commit": adopted.commit}
+    if adopted.state == "present":
+        info.update(cached_from_records(store.layout, ref.revision, adopted.records).model_dump())
+    info.update(source=adopted.source, verified_against=adopted.verified_against)
+    print(_human(info))
+    if args.json:
+        print(json.dumps(info))
+    return _STATE_EXIT[adopted.state]
+
+
+def _hf_hub_cache() -> str:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -131,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _fail("interrupted", args.json)
         return 130
+    except UsageError as err:
+        _fail(str(err), args.json)
+        return EXIT_USAGE
     except ValidationError as err:  # the reference or the download options
         where, problem = first_problem(err)
         _fail(f"invalid {where or 'argument'}: {problem}", args.json)

@@ -47,11 +47,11 @@ class Publisher:
             if st is not None and (rec is None or rec.mtime_ns != SUSPECT_MTIME):
                 adopted = self._adopt(final, remote)
                 if adopted is not None:
-                    return self._record(repo_id, commit, revision, remote.name, final, adopted)
+                    return self.record(repo_id, commit, revision, remote.name, final, adopted)
             if st is not None:
                 os.unlink(final)
             sha256, mtime_ns = self._download(hub, repo_id, commit, remote, key, final)
-            return self._record(repo_id, commit, revision, remote.name, final, (sha256, mtime_ns))
+            return self.record(repo_id, commit, revision, remote.name, final, (sha256, mtime_ns))
 
     def unpublish(self, repo_id: str, commit: str, name: str) -> None:
         """Delete the published file (a symlink there is removed, never followed) and its side record."""
@@ -102,7 +102,7 @@ class Publisher:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
-    def _record(
+    def record(
         self, repo_id: str, commit: str, revision: str, name: str, final: str, digest: tuple[str, int]
     ) -> FileRecord:
         rec = FileRecord(

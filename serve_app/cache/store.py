@@ -6,6 +6,10 @@ manifest read plus one ``lstat`` per file. A size or mtime mismatch triggers a f
 refresh=True)`` re-resolves the revision on the Hub. ``HF_HUB_OFFLINE`` is read (through ``Settings``) at call
 time. How a file is published: ``publish.py``; how it is checked: ``checks.py``; a lost or damaged manifest is
 rebuilt by ``recovery.py``.
+
+Lookup order for a Hub reference: the baked image directory (``Settings.baked_dir``; read-only, trusted on size)
+-> this volume -> a Hugging Face cache (``Settings.hf_cache_dirs``: adopted after verification, ``adopt.py``)
+-> the Hub. ``sources.py`` says why each source is trusted as it is.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 
+from serve_app.cache.adopt import Adopted, Adopter, AdoptMode
 from serve_app.cache.checks import Checker
 from serve_app.cache.hub import (
     HubClient,
@@ -26,8 +31,6 @@ from serve_app.cache.layout import Layout
 from serve_app.cache.local import forget_local, local_parts, local_records
 from serve_app.cache.manifest import FileRecord, Manifest, RefRecord, ref_key, utc_now
 from serve_app.cache.names import (
-    COMMIT_RE,
-    is_glob,
     split_part_names,
     validate_filename,
     validate_repo_id,
@@ -43,6 +46,7 @@ from serve_app.cache.results import (
     local_cached,
     present,
 )
+from serve_app.cache.sources import BakedImage, known_in
 from serve_app.config import DownloadConfig, ModelRef
 from serve_app.errors import NotCachedError, ServeError
 from serve_app.retry import Deadline, RetriesExhausted, retry
@@ -54,7 +58,13 @@ log = logging.getLogger("serve_app.cache")
 
 
 class ModelStore:
-    def __init__(self, cache_dir: str, download: DownloadConfig | None = None, *, progress: str = "auto") -> None:
+    def __init__(self, cache_dir: str, download: DownloadConfig | None = None, *, progress: str = "auto",
+                 baked_dir: str | None = None, hf_cache_dirs: list[str] | None = None) -> None:
+        """``baked_dir`` / ``hf_cache_dirs``: None reads ``Settings``; "" / [] turn that source off."""
+        if baked_dir is None or hf_cache_dirs is None:
+            settings = Settings()
+            baked_dir = settings.baked_dir if baked_dir is None else baked_dir
+            hf_cache_dirs = list(settings.hf_cache_dirs) if hf_cache_dirs is None else hf_cache_dirs
         self.stats = StoreStats()
         self.config = download or DownloadConfig()
         self.layout = Layout(cache_dir)
@@ -62,6 +72,10 @@ class ModelStore:
                                  recover=lambda: rebuild(self.layout))
         self._checker = Checker(self.layout, self.manifest)
         self._publisher = Publisher(self.layout, self.manifest, self.config, self.stats, progress)
+        self._adopter = Adopter(self.layout, self.manifest, self.config, self._publisher)
+        # The baked directory is also where the image build pulls to: there it is this volume, not a source.
+        self.baked = BakedImage(baked_dir) if baked_dir and os.path.realpath(baked_dir) != self.layout.root else None
+        self.hf_cache_dirs = list(hf_cache_dirs)
 
     # ---- public API --------------------------------------------------------------------------------------------
 
@@ -71,6 +85,10 @@ class ModelStore:
             parts = local_parts(ref.filename)
             return local_cached(parts, local_records(parts, self.manifest, rehash=False))
         repo_id = _validate(ref)
+        baked = None if refresh or self.baked is None else self.baked.find(ref)
+        if baked is not None:
+            self.stats.hits += 1
+            return baked
         self.layout.sweep_staging()  # a killed pull of any file is cleaned up by the next pull of any file
         known = None if refresh else self._known(ref)
         if known is not None:
@@ -81,8 +99,25 @@ class ModelStore:
             if state == "corrupt":
                 self.stats.verify_failures += 1
             log.warning("%s/%s is %s in the cache; fetching it again", repo_id, known[1][0], state)
+        if not refresh and self.hf_cache_dirs:
+            adopted = self.adopt(ref, self.hf_cache_dirs)
+            if adopted.state == "present":
+                self.stats.hits += 1
+                return cached_from_records(self.layout, ref.revision, adopted.records)
+            if adopted.state == "corrupt":
+                self.stats.verify_failures += 1
         self.stats.misses += 1
         return self._fetch(ref, ref)
+
+    def adopt(self, ref: ModelRef, cache_dirs: list[str], mode: AdoptMode = "auto") -> Adopted:
+        """Verify ``ref`` in the first Hugging Face cache that holds it and publish it on this volume."""
+        if ref.is_local:
+            return Adopted("missing", [])
+        _validate(ref)
+        adopted = self._adopter.adopt(ref, cache_dirs, mode)
+        if adopted.state == "present" and adopted.commit is not None:
+            self._remember(ref, adopted.commit, [r.filename for r in adopted.records])
+        return adopted
 
     def status(self, ref: ModelRef) -> CacheStatus:
         """Warm check: manifest + stat; re-hash only on a mismatch. Network only for a reference never pulled."""
@@ -150,16 +185,7 @@ class ModelStore:
 
     def _known(self, ref: ModelRef) -> tuple[str, list[str]] | None:
         """(commit, filenames) of ``ref`` from the manifest alone, or None."""
-        repo_id = ref.repo_id or ""
-        data = self.manifest.read()
-        rr = data.refs.get(ref_key(repo_id, ref.filename, ref.revision))
-        if rr is not None:
-            return rr.commit, rr.files
-        if COMMIT_RE.fullmatch(ref.revision) and not is_glob(ref.filename):
-            names = split_part_names(ref.filename)
-            if all(Layout.file_key(repo_id, ref.revision, n) in data.files for n in names):
-                return ref.revision, names
-        return None
+        return known_in(self.manifest.read(), ref)
 
     def _listing(self, hub: HubClient, ref: ModelRef) -> RepoListing:
         repo_id = ref.repo_id or ""
@@ -195,6 +221,9 @@ class ModelStore:
                 return CacheStatus(state="missing", repo_id=None, filename=ref.filename, revision=None)
             return present(local_cached(parts, local_records(parts, self.manifest, rehash=rehash)))
         repo_id = _validate(ref)
+        baked = self.baked.find(ref, rehash=rehash) if self.baked is not None else None
+        if baked is not None:
+            return present(baked)
         known = self._known(ref)
         if known is None:
             if Settings().hf_offline:

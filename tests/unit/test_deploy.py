@@ -1,6 +1,7 @@
 """Every shipped config is valid for Ray Serve's own schema and for our strict app args, the KubeRay manifest
 embeds the same schema, and the Dockerfile passes hadolint. The quick-start config listens on loopback only; a
-config that listens on every interface says why in a comment."""
+config that listens on every interface says why in a comment. The Dockerfile bakes a model outside the RunPod
+volume (which would shadow it), into the directory the cache consults first, by the reference the config serves."""
 
 from __future__ import annotations
 
@@ -99,6 +100,24 @@ def test_dockerfile_passes_hadolint() -> None:
     r = subprocess.run([exe, "--config", str(REPO / ".hadolint.yaml"), str(REPO / "Dockerfile")],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_dockerfile_bakes_outside_the_volume_where_the_cache_looks_first() -> None:
+    import re
+
+    from serve_app.settings import Settings
+
+    text = (REPO / "Dockerfile").read_text().replace("\\\n", " ")
+    args = {m[0]: m[1].strip('"') for m in re.findall(r"^ARG (BAKE_\w+)=(.*)$", text, re.M)}
+    baked = re.search(r"GGUF_SERVE_BAKED_DIR=(\S+)", text)
+    assert baked is not None and baked[1] == Settings.model_fields["baked_dir"].default
+    assert not baked[1].startswith("/runpod-volume")
+    bake = next(line for line in text.splitlines() if "serve_app.cache pull" in line)
+    assert f"--cache-dir {baked[1]}" in bake and f"chmod -R a-w {baked[1]}" in bake
+    assert all(f'"${name}"' in bake for name in ("BAKE_REPO_ID", "BAKE_FILENAME", "BAKE_REVISION"))
+    model = yaml.safe_load((REPO / "deploy/runpod/serve_config.yaml").read_text())["applications"][0]["args"]["model"]
+    assert (args["BAKE_REPO_ID"], args["BAKE_FILENAME"], args["BAKE_REVISION"]) == (
+        model["repo_id"], model["filename"], model["revision"])
 
 
 def test_low_latency_settings_are_on_by_default_and_can_be_turned_off() -> None:
