@@ -60,7 +60,8 @@ RUN if [ "$BAKE_MODEL" = "1" ]; then \
         --cache-dir /opt/models --progress log \
       && rm -rf /opt/models/.staging/* /opt/models/.locks/* \
       && chmod -R a-w /opt/models; fi
-EXPOSE 8000 8265
+# 8001: /ping for a load-balancing endpoint (deploy/runpod/lb.env sets PORT_HEALTH=8001).
+EXPOSE 8000 8001 8265
 HEALTHCHECK --interval=30s --timeout=5s --start-period=600s --retries=3 \
   CMD ["python3", "-c", "import urllib.request as u; u.urlopen('http://127.0.0.1:8000/ready', timeout=4)"]
 CMD ["python", "-m", "serve_app.runpod"]
