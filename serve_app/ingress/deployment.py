@@ -21,6 +21,7 @@ from serve_app.settings import Settings
 from .app import build_asgi_app
 from .exposure import warn_if_exposed
 from .guard import acceptable_id
+from .models import Kind, ModelTable, Served
 from .openai import OpenAIService, Reply
 from .replies import error_body
 from .sse import EventStream
@@ -29,12 +30,17 @@ from .sse import EventStream
 @serve.deployment
 @serve.ingress()
 class Ingress:
-    def __init__(self, model: DeploymentHandle, model_id: str, server: ServerConfig, default_max_tokens: int) -> None:
+    def __init__(self, model: DeploymentHandle, model_id: str, server: ServerConfig, default_max_tokens: int,
+                 others: list[tuple[str, Kind, DeploymentHandle]] | None = None, model_kind: Kind = "chat") -> None:
+        # ``model`` is the default model; ``others`` the rest (name, kind, handle) when the app serves several.
         if server.low_latency:
             # By value over Ray Serve's replica-to-replica gRPC channel instead of through the object store: about
             # 1 ms less each way per request and per streamed item (docs/benchmarks.md).
             model = ray_private.by_value(model)
-        self.service = OpenAIService(model, model_id, default_max_tokens)
+            others = [(n, k, ray_private.by_value(h)) for n, k, h in others or []]
+        table = ModelTable([Served(model_id, model_kind, model),
+                            *(Served(n, k, h) for n, k, h in others or [])])
+        self.service = OpenAIService(model, model_id, default_max_tokens, table=table)
         self.api_keys = [*server.api_keys, *Settings().api_keys]
         self.max_body_bytes = server.max_body_bytes
         self.metrics = IngressMetrics()
