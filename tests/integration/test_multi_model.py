@@ -95,7 +95,7 @@ def test_embeddings_shapes(client: openai.OpenAI, multi_app: str) -> None:
     assert floats.model == EMBED and [d.index for d in floats.data] == [0, 1, 2]
     batch = np.array([d.embedding for d in floats.data], dtype=np.float32)
     assert batch.shape == (3, 64)
-    assert np.allclose(np.linalg.norm(batch, axis=1), 1.0, atol=1e-5)
+    assert np.allclose(np.linalg.norm(batch, axis=1), 1.0, atol=1e-3)
     assert floats.usage.prompt_tokens > len(TEXTS) and floats.usage.total_tokens == floats.usage.prompt_tokens
     # base64: the same float32 vectors (the raw wire, then the openai client's own decoding)
     raw = client.embeddings.with_raw_response.create(model=EMBED, input=TEXTS, encoding_format="base64")
@@ -104,7 +104,7 @@ def test_embeddings_shapes(client: openai.OpenAI, multi_app: str) -> None:
     # a batch gives the vectors each input gets on its own
     for i, text in enumerate(TEXTS):
         one = client.embeddings.create(model=EMBED, input=text).data[0].embedding
-        assert np.allclose(one, batch[i], atol=1e-5)
+        assert np.allclose(one, batch[i], atol=1e-3)
     # token-list inputs: one list is one input, a list of lists is several
     tokens = httpx.post(f"{multi_app}/tokenize", json={"content": TEXTS[1], "model": ALPHA}, timeout=10).json()["tokens"]
     by_tokens = client.embeddings.create(model=EMBED, input=[tokens, tokens])
