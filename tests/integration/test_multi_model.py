@@ -55,7 +55,7 @@ def multi_app(ray_session: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
         wait_ready(base)
         yield base
     finally:
-        serve.delete(APP)
+        serve.delete(APP, _blocking=False)  # the session cluster has room; do not wait out the replicas
 
 
 @pytest.fixture(scope="module")
