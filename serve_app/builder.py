@@ -2,6 +2,9 @@
 
     Ingress (Starlette, HTTP + handle API)  ->  LlamaModel (engine, GPU)  ->  ModelCache (volume, Hub)
 
+With ``models:``, one LlamaModel (chat) or EmbeddingModel deployment per model, all over the one ModelCache; the
+Ingress routes each request by its ``model`` name.
+
 ``serve_config.yaml`` points ``import_path`` here; Ray Serve validates ``args`` into ``AppArgs`` (unknown keys are
 rejected). No ``from __future__ import annotations`` here: Ray reads the annotation at runtime to validate args.
 """

@@ -121,6 +121,12 @@ def test_wrong_kind_of_model_is_400(client: openai.OpenAI, multi_app: str) -> No
     assert r.status_code == 400 and r.json()["error"]["param"] == "input", r.text
     r = httpx.post(f"{multi_app}/v1/embeddings", json={"model": EMBED, "input": "x" * 2000}, timeout=10)
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+    for body in ({"model": EMBED, "input": [1, "a"]}, {"model": EMBED, "input": [-1]},
+                 {"model": EMBED, "input": [[2**40]]}, {"model": EMBED, "input": "x", "encoding_format": "hex"},
+                 {"model": EMBED, "input": "x", "dimensions": 0}, {"model": EMBED, "input": "x", "dimensions": 3},
+                 {"model": EMBED, "input": {"a": 1}}, {"model": EMBED}, [EMBED], {"model": 5, "input": "x"}):
+        r = httpx.post(f"{multi_app}/v1/embeddings", json=body, timeout=10)
+        assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}, (body, r.text)
     # /ready covers every model
     assert httpx.get(f"{multi_app}/ready", timeout=10).json()["status"] == "ready"
 
