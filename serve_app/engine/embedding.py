@@ -35,7 +35,9 @@ class EmbeddingReport:
 
 
 class EmbeddingEngine:
-    """Embeds token lists; ``n_ctx_seq`` tokens per input at most, ``n_seq_max`` inputs per decode."""
+    """Embeds token lists: ``n_ctx_seq`` tokens per input at most (``engine.n_ctx_per_slot``), up to ``n_seq_max``
+    inputs (``engine.n_parallel``) and ``n_batch`` tokens (``engine.n_batch``, at least one whole input) per
+    decode."""
 
     def __init__(self, model: LlamaModelHandle, cfg: EngineConfig, pooling: Pooling, normalize: bool) -> None:
         L = lib()
@@ -45,7 +47,10 @@ class EmbeddingEngine:
         if model.n_ctx_train:
             self.n_ctx_seq = min(self.n_ctx_seq, model.n_ctx_train)
         self.n_seq_max = cfg.n_parallel
-        self.n_batch = self.n_ctx_seq * self.n_seq_max
+        # One decode holds up to n_batch tokens (at least one whole input), in one ubatch: the compute buffer grows
+        # with it (attention is n_ubatch x n_ctx), and the KV only ever holds one batch (it is cleared between).
+        # llama.cpp aborts (a mul_mat shape assert) when n_ctx is not a multiple of n_seq_max: round up.
+        self.n_batch = -(-max(cfg.n_batch, self.n_ctx_seq) // self.n_seq_max) * self.n_seq_max
         cp = L.llama_context_default_params()
         cp.embeddings = True
         cp.pooling_type = {"model": L.LLAMA_POOLING_TYPE_UNSPECIFIED, "mean": L.LLAMA_POOLING_TYPE_MEAN,
@@ -53,6 +58,8 @@ class EmbeddingEngine:
         cp.n_seq_max = self.n_seq_max
         cp.n_ctx = cp.n_batch = cp.n_ubatch = self.n_batch
         cp.kv_unified = True  # see the module docstring: pooling needs each sequence whole in one ubatch
+        cp.flash_attn_type = {"auto": L.LLAMA_FLASH_ATTN_TYPE_AUTO, "on": L.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+                              "off": L.LLAMA_FLASH_ATTN_TYPE_DISABLED}[cfg.flash_attn]
         cp.n_threads = cp.n_threads_batch = cfg.n_threads or os.cpu_count() or 1
         cp.no_perf = True
         self.ptr = L.llama_init_from_model(model.ptr, cp)

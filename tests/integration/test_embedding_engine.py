@@ -21,7 +21,8 @@ from tests.support.gguf_factory import ModelSpec, write_gguf
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddingEngine]:
     path = write_gguf(Path(tmp_path_factory.mktemp("embed")) / "e.gguf", ModelSpec(pooling="mean", seed=5))
-    eng, model, report = load_embedding_engine(path, EngineConfig(n_parallel=3, n_ctx_per_slot=64, n_threads=1),
+    eng, model, report = load_embedding_engine(path, EngineConfig(n_parallel=3, n_ctx_per_slot=64, n_batch=100,
+                                                            n_ubatch=100, n_threads=1),
                                                want_gpu=False, pooling="model", normalize=True)
     assert report.plan["pooling"] == 1 and report.plan["n_embd"] == 64  # mean, from the GGUF
     yield eng
@@ -39,7 +40,9 @@ def test_batched_vectors_equal_one_by_one(engine: EmbeddingEngine) -> None:
         assert np.allclose(a, b, atol=1e-3)
         assert abs(float(np.linalg.norm(b)) - 1.0) < 1e-5
     assert not np.allclose(together[0], together[1])
-    full = [(inputs[1] * 20)[:64], inputs[0], (inputs[3] * 20)[:64]]  # whole contexts beside a short one
+    # whole contexts beside a short one: ~100 tokens per decode splits them [64, short], [64]
+    full = [(inputs[1] * 20)[:64], inputs[0], (inputs[3] * 20)[:64]]
+    assert [len(g) for g in engine._groups(full)] == [2, 1]
     for a, b in zip(engine.embed(full), [engine.embed([x])[0] for x in full], strict=True):
         assert np.allclose(a, b, atol=1e-3)
 
