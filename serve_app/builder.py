@@ -2,11 +2,15 @@
 
     Ingress (Starlette, HTTP + handle API)  ->  LlamaModel (engine, GPU)  ->  ModelCache (volume, Hub)
 
+With ``models:``, one LlamaModel (chat) or EmbeddingModel deployment per model, all over the one ModelCache; the
+Ingress routes each request by its ``model`` name.
+
 ``serve_config.yaml`` points ``import_path`` here; Ray Serve validates ``args`` into ``AppArgs`` (unknown keys are
 rejected). No ``from __future__ import annotations`` here: Ray reads the annotation at runtime to validate args.
 """
 
 import logging
+import re
 from typing import Any
 
 import ray
@@ -14,9 +18,10 @@ from ray import serve
 
 from serve_app.cache.deployment import MAX_ONGOING as CACHE_MAX_ONGOING
 from serve_app.cache.deployment import ModelCache
-from serve_app.config import AppArgs
+from serve_app.config import AppArgs, ModelEntry
 from serve_app.ingress.deployment import Ingress
 from serve_app.model.deployment import LlamaModel
+from serve_app.model.embedding import EmbeddingModel
 from serve_app.settings import Settings
 
 log = logging.getLogger("ray.serve")
@@ -84,12 +89,39 @@ def llama_model_options(args: AppArgs, use_gpu: bool) -> dict[str, Any]:
     }
 
 
+def embedding_model_options(args: AppArgs, use_gpu: bool) -> dict[str, Any]:
+    """Every EmbeddingModel option: one call embeds at a time (its inputs batched), so a short queue is enough."""
+    return {"ray_actor_options": token_path_actor_options(args, 1, 1 if use_gpu else 0),
+            "max_ongoing_requests": 64, "health_check_period_s": 10, "graceful_shutdown_timeout_s": 30}
+
+
+def deployment_name(kind: str, name: str, several: bool) -> str:
+    """``LlamaModel`` for the one-model shorthand (the name Serve configs override); with ``models:``, one
+    deployment per model, named after it (Ray Serve names allow no '/' or '#')."""
+    base = "EmbeddingModel" if kind == "embedding" else "LlamaModel"
+    return f"{base}-{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}" if several else base
+
+
+def model_deployment(args: AppArgs, entry: ModelEntry, cache: Any, use_gpu: bool) -> Any:
+    """One model's deployment, bound: a LlamaModel (chat) or an EmbeddingModel, with the entry's own args."""
+    one = args.for_entry(entry)
+    name = deployment_name(entry.kind, args.entry_name(entry), bool(args.models))
+    if entry.kind == "embedding":
+        return EmbeddingModel.options(name=name, **embedding_model_options(one, use_gpu)).bind(
+            cache, one.model_dump(mode="json"), use_gpu, entry.pooling, entry.normalize)
+    return LlamaModel.options(name=name, **llama_model_options(one, use_gpu)).bind(
+        cache, one.model_dump(mode="json"), use_gpu)
+
+
 def build_app(args: AppArgs) -> serve.Application:
     if isinstance(args, dict):
         args = AppArgs.model_validate(args)
     use_gpu = resolve_accelerator(args)
     cache = ModelCache.options(**model_cache_options()).bind(args.cache_dir, args.download.model_dump())
-    model = LlamaModel.options(**llama_model_options(args, use_gpu)).bind(
-        cache, args.model_dump(mode="json"), use_gpu)
+    # One deployment per model (not Serve multiplexing): each owns a batching engine sized to its slots, loads
+    # once and keeps its readiness state, and scales on its own; see the README.
+    entries = args.served()
+    bound = [(args.entry_name(e), e.kind, model_deployment(args, e, cache, use_gpu)) for e in entries]
+    (first_name, first_kind, first), others = bound[0], bound[1:]
     return Ingress.options(**ingress_options(args)).bind(
-        model, args.model_name(), args.server, args.engine.max_tokens_default)
+        first, first_name, args.server, args.engine.max_tokens_default, others, first_kind)

@@ -136,10 +136,48 @@ class ServerConfig(_Strict):
     )
 
 
+# ---- several models in one application: ``models:`` entries (``model:`` stays the one-model shorthand) ----------
+
+ModelKind = Literal["chat", "embedding"]
+
+
+class ModelEntry(ModelRef):
+    """One served model: where it comes from, the name clients ask for, what it does, and engine overrides."""
+
+    name: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$",
+        description="The model id in the API (the request's 'model'); default: repo/file stem. No ':' (reserved "
+                    "for 'base:adapter' names).",
+    )
+    kind: ModelKind = Field(
+        default="chat", description="chat: /v1/chat/completions and /v1/completions. embedding: /v1/embeddings "
+                                    "(a context with embeddings on and the model's pooling).",
+    )
+    engine: dict[str, Any] = Field(
+        default_factory=dict, description="Overrides of the app's engine.* for this model only (e.g. n_parallel).",
+    )
+    normalize: bool = Field(default=True, description="embedding: L2-normalise each vector (most model cards say so).")
+    pooling: Literal["model", "mean", "cls", "last"] = Field(
+        default="model", description="embedding: the model's own pooling type (from the GGUF), or this one. A model "
+                                     "that declares none gets mean.",
+    )
+
+    @model_validator(mode="after")
+    def _overrides(self) -> ModelEntry:
+        EngineConfig.model_validate(self.engine)  # unknown or invalid keys fail at deploy time
+        return self
+
+    def ref(self) -> ModelRef:
+        return ModelRef(repo_id=self.repo_id, filename=self.filename, revision=self.revision)
+
+
 class AppArgs(_Strict):
     """The ``args`` of the ``llm`` application."""
 
-    model: ModelRef
+    model: ModelRef | None = Field(default=None, description="One model (shorthand for a one-entry 'models').")
+    models: list[ModelEntry] = Field(
+        default_factory=list, description="Several models in one app; each runs in its own deployment.",
+    )
     cache_dir: str = Field(default="./models", description="The model volume (RunPod: /runpod-volume/models).")
     accelerator: Literal["auto", "gpu", "cpu"] = Field(
         default="auto", description="auto: GPU when the Ray cluster has one, else CPU with a warning."
@@ -158,11 +196,49 @@ class AppArgs(_Strict):
     def _check(self) -> AppArgs:
         if self.engine.n_ubatch > self.engine.n_batch:
             raise ValueError("engine.n_ubatch must be <= engine.n_batch")
+        if (self.model is None) == (not self.models):
+            raise ValueError("give exactly one of 'model' (one model) or 'models' (a list)")
+        if self.models and self.server.served_model_name:
+            raise ValueError("server.served_model_name applies to 'model' only; name each of 'models' instead")
+        names = [self.entry_name(e) for e in self.models]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"model names must be unique; repeated: {', '.join(dupes)}")
+        for e in self.models:
+            merged = EngineConfig.model_validate({**self.engine.model_dump(), **e.engine})
+            if merged.n_ubatch > merged.n_batch:
+                raise ValueError(f"models[{self.entry_name(e)}].engine: n_ubatch must be <= n_batch")
         return self
 
     def model_name(self) -> str:
+        """The served name of the one model (``model:``), or of the first entry of ``models:``."""
+        if self.model is None:
+            return self.entry_name(self.models[0])
         if self.server.served_model_name:
             return self.server.served_model_name
-        base = os.path.basename(self.model.filename).replace("*", "")
-        stem = base[:-5] if base.endswith(".gguf") else base
-        return f"{self.model.repo_id}/{stem}" if self.model.repo_id else stem
+        return _stem_name(self.model)
+
+    @staticmethod
+    def entry_name(entry: ModelEntry) -> str:
+        return entry.name or _stem_name(entry)
+
+    def served(self) -> list[ModelEntry]:
+        """Every served model as an entry, ``model:`` included (as one chat entry)."""
+        if self.model is not None:
+            # Constructed, not validated: server.served_model_name may be any string.
+            return [ModelEntry.model_construct(**self.model.model_dump(), name=self.model_name())]
+        return list(self.models)
+
+    def for_entry(self, entry: ModelEntry) -> AppArgs:
+        """The one-model args a model deployment runs with: its ref, name and engine overrides."""
+        return self.model_copy(update={
+            "model": entry.ref(), "models": [],
+            "engine": EngineConfig.model_validate({**self.engine.model_dump(), **entry.engine}),
+            "server": self.server.model_copy(update={"served_model_name": self.entry_name(entry)}),
+        })
+
+
+def _stem_name(ref: ModelRef) -> str:
+    base = os.path.basename(ref.filename).replace("*", "")
+    stem = base[:-5] if base.endswith(".gguf") else base
+    return f"{ref.repo_id}/{stem}" if ref.repo_id else stem

@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     try:
         args = app_args(a.config, a.app)
-        cached = ModelStore(args.cache_dir, args.download).ensure(args.model)
+        store = ModelStore(args.cache_dir, args.download)
+        cached = [store.ensure(entry.ref()) for entry in args.served()]  # every model of the app
     except ValidationError as e:
         where, problem = first_problem(e)
         print(f"error: {a.config}: args{'.' + where if where else ''}: {problem}", file=sys.stderr)
@@ -51,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    print(f"model ready on the volume: {cached.path} ({cached.size} bytes, sha256 {cached.sha256[:12]}...)")
+    for c in cached:
+        print(f"model ready on the volume: {c.path} ({c.size} bytes, sha256 {c.sha256[:12]}...)")
     return 0
 
 

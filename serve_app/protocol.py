@@ -180,3 +180,20 @@ def raise_if_error(result: T | ErrorEvent) -> T:
     if isinstance(result, ErrorEvent):
         raise result.error
     return result
+
+
+# ---- embeddings: the Ingress -> EmbeddingModel call and its answer -----------------------------------------------
+
+
+class EmbedCall(_Strict):
+    """Inputs to embed, in order: each a text or a token list."""
+
+    inputs: tuple[str | tuple[int, ...], ...] = Field(min_length=1)
+
+
+class Embeddings(BaseModel):
+    """One vector per input (float32 little-endian bytes, so the Ingress can send base64 without a float round
+    trip), and the tokens the inputs took."""
+
+    vectors: list[bytes]
+    prompt_tokens: int

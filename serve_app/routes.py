@@ -22,11 +22,13 @@ class Route:
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 MODELS = "/v1/models"
+EMBEDDINGS = "/v1/embeddings"
 
 ROUTES: tuple[Route, ...] = (
     Route(CHAT, "POST", "chat", id_prefix="chatcmpl", openai=True),
     Route(COMPLETIONS, "POST", "completions", id_prefix="cmpl", openai=True),
     Route(MODELS, "GET", "models", openai=True),
+    Route(EMBEDDINGS, "POST", "embeddings", id_prefix="embd", openai=True),
     Route("/tokenize", "POST", "tokenize"),
     Route("/detokenize", "POST", "detokenize"),
     Route("/health", "GET", "health", open=True),

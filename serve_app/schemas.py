@@ -154,3 +154,36 @@ def model_card(model_id: str, meta: dict[str, Any] | None = None) -> dict[str, A
     if meta:
         card["meta"] = meta
     return card
+
+
+# ---- embeddings (OpenAI /v1/embeddings) -------------------------------------------------------------------------
+
+MAX_EMBED_INPUTS = 2048  # OpenAI's own limit per request
+
+
+class EmbeddingRequest(_OpenAIModel):
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)
+
+    @field_validator("input")
+    @classmethod
+    def _inputs(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("input must not be empty")
+            if len(v) > MAX_EMBED_INPUTS and not isinstance(v[0], int):
+                raise ValueError(f"at most {MAX_EMBED_INPUTS} inputs per request")
+            if any(isinstance(x, list) and not x for x in v):
+                raise ValueError("a token list must not be empty")
+        return v
+
+    def inputs(self) -> tuple[str | tuple[int, ...], ...]:
+        """Each input as a text or a token tuple (one token list is one input, as in OpenAI)."""
+        v = self.input
+        if isinstance(v, str):
+            return (v,)
+        if v and isinstance(v[0], int):
+            return (tuple(v),)  # type: ignore[arg-type]
+        return tuple(tuple(x) if isinstance(x, list) else x for x in v)  # type: ignore[misc]

@@ -62,9 +62,10 @@ def ray_session(hub: FakeHub) -> Iterator[str]:
     os.environ["HF_ENDPOINT"] = hub.endpoint
     port = free_port()
     # Logical CPUs above the 2 physical cores: light replicas ask for 0 CPU, LlamaModel for 1, and the second
-    # test app must still fit. llama.cpp's threads are what actually use the cores.
+    # test app must still fit (and the multi-model app's three model deployments). llama.cpp's threads are what
+    # actually use the cores.
     os.environ["GGUF_TEST_METRICS_PORT"] = str(free_port())
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False,
+    ray.init(num_cpus=7, include_dashboard=False, log_to_driver=False, configure_logging=False,
              _metrics_export_port=int(os.environ["GGUF_TEST_METRICS_PORT"]),
              _system_config={"metrics_report_interval_ms": 1000})
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -1,5 +1,7 @@
 """``python -m serve_app.cache``: pull, adopt, status, verify, list and rm models on a cache volume.
 
+``pull --config serve_config.yaml [--app llm]`` warms every model the app serves (``model`` or ``models``).
+
 Contract: with ``--json`` the last stdout line is one JSON object (``state``, ``path``, ``size``, ``sha256``,
 ``revision``, ``commit``, ...; ``{"files": [...]}`` for ``list``; ``{"error": {...}}`` on failure). Exit codes:
 0 success / present, 1 error, 2 usage, 3 corrupt, 4 missing, 130 interrupted. A failure prints exactly one
@@ -20,11 +22,12 @@ import os
 import sys
 from typing import Any
 
+import yaml
 from pydantic import ValidationError
 
 from serve_app.cache.results import cached_from_records
 from serve_app.cache.store import CachedFile, CacheStatus, ModelStore
-from serve_app.config import DownloadConfig, ModelRef
+from serve_app.config import AppArgs, DownloadConfig, ModelRef
 from serve_app.errors import ServeError, first_problem
 from serve_app.settings import Settings
 
@@ -33,7 +36,8 @@ _STATE_EXIT = {"present": EXIT_OK, "corrupt": EXIT_CORRUPT, "missing": EXIT_MISS
 
 
 class UsageError(Exception):
-    """An argument argparse cannot check (a directory that is not one); exit 2 with one line."""
+    """An argument argparse cannot check (a directory that is not one, a config file that cannot be read); exit 2
+    with one line."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,11 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
     }
     for name, text in helps.items():
         cmd = sub.add_parser(name, help=text, description=text)
-        cmd.add_argument("repo_id", metavar="REPO_ID", help="owner/name on the Hub, or '-' for a local path")
-        cmd.add_argument("filename", metavar="FILENAME", help="file, quant pattern ('*Q4_K_M.gguf') or local path")
+        optional = "?" if name == "pull" else None  # pull --config names its models in the file
+        cmd.add_argument("repo_id", metavar="REPO_ID", nargs=optional,
+                         help="owner/name on the Hub, or '-' for a local path")
+        cmd.add_argument("filename", metavar="FILENAME", nargs=optional,
+                         help="file, quant pattern ('*Q4_K_M.gguf') or local path")
         cmd.add_argument("--revision", default="main", help="branch, tag or commit (default: main)")
-        _common(cmd)
+        _common(cmd, cache_dir_required=name != "pull")
         if name == "pull":
+            cmd.add_argument("--config", help="a Serve config: pull every model of its app (see --app)")
+            cmd.add_argument("--app", default="llm", help="the application in --config (default: llm)")
             cmd.add_argument("--refresh", action="store_true", help="re-resolve the revision on the Hub")
             cmd.add_argument("--progress", choices=("auto", "bar", "log", "none"), default="auto")
             cmd.add_argument("--max-attempts", type=int, default=None)
@@ -68,8 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _common(cmd: argparse.ArgumentParser) -> None:
-    cmd.add_argument("--cache-dir", required=True, help="the model volume")
+def _common(cmd: argparse.ArgumentParser, cache_dir_required: bool = True) -> None:
+    cmd.add_argument("--cache-dir", required=cache_dir_required,
+                     help="the model volume" + ("" if cache_dir_required else " (default with --config: its cache_dir)"))
     cmd.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
 
 
@@ -99,6 +109,12 @@ def _human(info: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.command == "pull" and (args.config is None) == (args.repo_id is None or args.filename is None):
+        raise UsageError("pull takes REPO_ID FILENAME, or --config FILE (not both)")
+    if args.command == "pull" and args.config is not None:
+        return pull_config(args)
+    if args.cache_dir is None:
+        raise UsageError("--cache-dir is required")
     store = ModelStore(args.cache_dir, _download_config(args), progress=getattr(args, "progress", "auto"))
     if args.command == "list":
         files = [f.model_dump() for f in store.list()]
@@ -150,6 +166,34 @@ def _hf_hub_cache() -> str:
     return constants.HF_HUB_CACHE
 
 
+def config_app_args(path: str, app_name: str) -> AppArgs:
+    """The ``args`` of application ``app_name`` in a Serve config, validated."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc: dict[str, Any] = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise UsageError(f"cannot read {path}: {e}") from None
+    for app in doc.get("applications") or []:
+        if app.get("name") == app_name:
+            return AppArgs.model_validate(app.get("args") or {})
+    raise UsageError(f"{path} has no application named '{app_name}'")
+
+
+def pull_config(args: argparse.Namespace) -> int:
+    """Warm the volume with every model of a config's app, one after another (each verified once)."""
+    app = config_app_args(args.config, args.app)
+    download = app.download.model_copy(update=_download_config(args).model_dump(exclude_unset=True))
+    store = ModelStore(args.cache_dir or app.cache_dir, download, progress=args.progress)
+    infos = []
+    for entry in app.served():
+        info = _as_status(store.ensure(entry.ref(), refresh=args.refresh))
+        infos.append({"name": app.entry_name(entry), **info})
+        print(f"{_human(info)}  ({app.entry_name(entry)})")
+    if args.json:
+        print(json.dumps({"files": infos}))
+    return EXIT_OK
+
+
 def _configure_logging(verbose: bool) -> None:
     # Quiet by default so that a failure leaves exactly one line on stderr; -v shows progress, retries, waits.
     logging.basicConfig(level=logging.INFO if verbose else logging.ERROR, stream=sys.stderr,
@@ -175,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _fail("interrupted", args.json)
         return 130
-    except UsageError as err:
+    except UsageError as err:  # a usage mistake, or a config file that cannot be read
         _fail(str(err), args.json)
         return EXIT_USAGE
     except ValidationError as err:  # the reference or the download options

@@ -109,7 +109,7 @@ async def ping(ctx: Ctx, request: Request, route: Route, rid: str) -> Response:
 
 
 HANDLERS: dict[str, Handler] = {
-    "chat": generate, "completions": generate, "tokenize": convert, "detokenize": convert,
+    "chat": generate, "completions": generate, "embeddings": generate, "tokenize": convert, "detokenize": convert,
     "models": models, "stats": stats, "health": health, "ready": ready, "ping": ping,
 }
 

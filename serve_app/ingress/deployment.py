@@ -15,13 +15,14 @@ from serve_app import ray_private
 from serve_app.config import ServerConfig
 from serve_app.errors import InvalidRequestError, ServeError, ShuttingDownError
 from serve_app.metrics import IngressMetrics
-from serve_app.replicas import Replicas, combine
+from serve_app.replicas import Replicas
 from serve_app.routes import BY_PATH, OPENAI_ROUTES
 from serve_app.settings import Settings
 
 from .app import build_asgi_app
 from .exposure import warn_if_exposed
 from .guard import acceptable_id
+from .models import Kind, ModelTable, Served
 from .openai import OpenAIService, Reply
 from .replies import error_body
 from .sse import EventStream
@@ -30,13 +31,17 @@ from .sse import EventStream
 @serve.deployment
 @serve.ingress()
 class Ingress:
-    def __init__(self, model: DeploymentHandle, model_id: str, server: ServerConfig, default_max_tokens: int) -> None:
+    def __init__(self, model: DeploymentHandle, model_id: str, server: ServerConfig, default_max_tokens: int,
+                 others: list[tuple[str, Kind, DeploymentHandle]] | None = None, model_kind: Kind = "chat") -> None:
+        # ``model`` is the default model; ``others`` the rest (name, kind, handle) when the app serves several.
         if server.low_latency:
             # By value over Ray Serve's replica-to-replica gRPC channel instead of through the object store: about
             # 1 ms less each way per request and per streamed item (docs/benchmarks.md).
             model = ray_private.by_value(model)
-        self.service = OpenAIService(model, model_id, default_max_tokens)
-        self.service.replicas = Replicas(model.app_name, model.deployment_name)
+            others = [(n, k, ray_private.by_value(h)) for n, k, h in others or []]
+        table = ModelTable([Served(n, k, h, Replicas(h.app_name, h.deployment_name))
+                            for n, k, h in [(model_id, model_kind, model), *(others or [])]])
+        self.service = OpenAIService(model, model_id, default_max_tokens, table=table)
         self.api_keys = [*server.api_keys, *Settings().api_keys]
         self.max_body_bytes = server.max_body_bytes
         self.metrics = IngressMetrics()
@@ -54,20 +59,19 @@ class Ingress:
         Then delete the app (``python -m serve_app.drain`` does both, on every Ingress replica)."""
         self.draining = True
         deadline = asyncio.get_running_loop().time() + timeout_s
-        info = await self.service.info()
+        info, replicas = await self.service.overview()
         while (info.slots_busy or info.waiting) and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.1)
-            info = await self.service.info()
+            info, replicas = await self.service.overview()
         return {"drained": not (info.slots_busy or info.waiting), "slots_busy": info.slots_busy,
-                "waiting": info.waiting, "model_replicas": len(await self.service.replica_infos())}
+                "waiting": info.waiting, "model_replicas": replicas}
 
     # ---- handle API (RunPod worker) -------------------------------------------------------------------------
 
     async def ready(self) -> dict[str, Any]:
         """Every LlamaModel replica together (slots summed: the RunPod worker's concurrency), and how many."""
-        infos = await self.service.replica_infos()
-        info = combine(list(infos.values())) if infos else await self.service.one_info()
-        return {**info.model_dump(), "replicas": len(infos)}
+        info, replicas = await self.service.overview()
+        return {**info.model_dump(), "replicas": replicas}
 
     async def openai(self, route: str, body: dict[str, Any] | None, request_id: str | None = None) -> dict[str, Any]:
         """One OpenAI call, non-streaming; errors come back as ``{"error": {...}}`` values."""

@@ -15,10 +15,12 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from serve_app.errors import InvalidRequestError, ModelNotFoundError, NotReadyError, invalid_request
+from serve_app.errors import InvalidRequestError, NotReadyError, invalid_request
 from serve_app.protocol import (
     DetokenizeCall,
     Done,
+    EmbedCall,
+    Embeddings,
     ErrorEvent,
     Event,
     GenerateRequest,
@@ -28,17 +30,20 @@ from serve_app.protocol import (
     raise_if_error,
 )
 from serve_app.ray_errors import ray_failure
-from serve_app.replicas import Replicas, combine
+from serve_app.replicas import combine
 from serve_app.routes import CHAT, COMPLETIONS, response_id
 from serve_app.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    EmbeddingRequest,
     TokenizeRequest,
     model_card,
     now,
 )
 
+from .embeddings import embedding_response, merge_infos
+from .models import ModelTable, Served
 from .sse import ChunkMaker, EventStream
 
 log = logging.getLogger("ray.serve")
@@ -76,58 +81,80 @@ async def _call(awaitable: Awaitable[Any]) -> Any:
 
 
 class OpenAIService:
-    def __init__(self, model: Any, model_id: str, default_max_tokens: int) -> None:
+    def __init__(self, model: Any, model_id: str, default_max_tokens: int, *,
+                 table: ModelTable | None = None) -> None:
+        # ``model``/``model_id``: the default model (a request without ``model``; /tokenize, /ready's name).
+        # ``table``: every served model by name, when there are several.
+        self.table = table or ModelTable([Served(model_id, "chat", model)])
         self.model = model
         self.model_id = model_id
         self.default_max_tokens = default_max_tokens
-        # Every LlamaModel replica, for the figures of the whole set (None: only the replica a call reaches).
-        self.replicas: Replicas | None = None
         self._fanout_failing = False
 
     # ---- small routes --------------------------------------------------------------------------------------
 
-    async def replica_infos(self) -> dict[str, ModelInfo]:
-        """Every LlamaModel replica's info by replica id; {} when Serve's controller cannot list them."""
-        if self.replicas is None:
+    async def replica_infos(self, served: Served | None = None) -> dict[str, ModelInfo]:
+        """Every replica's info of one model's deployment (the default model's), by replica id; {} when Serve's
+        controller cannot list them."""
+        s = served or self.table.default
+        if s.replicas is None:
             return {}
         try:
-            infos = await asyncio.wait_for(self.replicas.infos(), INFO_TIMEOUT_S)
+            infos = await asyncio.wait_for(s.replicas.infos(), INFO_TIMEOUT_S)
         except Exception as e:  # no controller, or Ray's API changed: one replica's view is still an answer
             # Once per failure spell: readiness probes and the RunPod worker ask every half second.
             (log.debug if self._fanout_failing else log.warning)(
-                "cannot reach every LlamaModel replica (%s); reporting the one a call reaches", type(e).__name__)
+                "cannot reach every model replica (%s); reporting the one a call reaches", type(e).__name__)
             self._fanout_failing = True
             return {}
         self._fanout_failing = False
         return infos
 
+    async def _views(self) -> list[tuple[ModelInfo, dict[str, ModelInfo]]]:
+        """Per served model: every replica together (``replicas.combine``), and each replica's own info."""
+        async def one(s: Served) -> tuple[ModelInfo, dict[str, ModelInfo]]:
+            infos = await self.replica_infos(s)
+            return (combine(list(infos.values())) if infos else await self._info(s.handle)), infos
+
+        return list(await asyncio.gather(*(one(s) for s in self.table.served)))
+
     async def info(self) -> ModelInfo:
-        """The state and load of every LlamaModel replica together (``replicas.combine``)."""
-        infos = await self.replica_infos()
-        if infos:
-            return combine(list(infos.values()))
-        return await self.one_info()
+        """Every replica of every served model together: one model's replicas summed (``replicas.combine``); several
+        models summed again, ready when all are (``merge_infos``)."""
+        return merge_infos([combined for combined, _ in await self._views()])
 
     async def stats(self) -> dict[str, Any]:
-        """``/stats``: every LlamaModel replica together (summed), and each one under ``replicas``."""
-        infos = await self.replica_infos()
-        if not infos:
-            return {**(await self.one_info()).model_dump(exclude={"detail"}), "replicas": []}
-        each = [{"replica": rid, **i.model_dump(exclude={"detail"})} for rid, i in sorted(infos.items())]
-        return {**combine(list(infos.values())).model_dump(exclude={"detail"}), "replicas": each}
+        """``/stats``: everything together (summed), and each replica of each model under ``replicas``."""
+        views = await self._views()
+        each = [{"model": s.name, "replica": rid, **i.model_dump(exclude={"detail"})}
+                for s, (_, infos) in zip(self.table.served, views, strict=True) for rid, i in sorted(infos.items())]
+        return {**merge_infos([c for c, _ in views]).model_dump(exclude={"detail"}), "replicas": each}
 
-    async def one_info(self) -> ModelInfo:
-        # While LlamaModel has no live replica (restarting after a crash) a handle call waits for one; a readiness
-        # probe must get its 503 quickly instead.
+    async def overview(self) -> tuple[ModelInfo, int]:
+        """``info()`` and how many model replicas answered (0: the controller could not be asked), from one
+        round of calls."""
+        views = await self._views()
+        return merge_infos([c for c, _ in views]), sum(len(infos) for _, infos in views)
+
+    async def _info(self, handle: Any) -> ModelInfo:
+        # While a model deployment has no live replica (restarting after a crash) a handle call waits for one; a
+        # readiness probe must get its 503 quickly instead.
         try:
-            info: ModelInfo = await asyncio.wait_for(_call(self.model.info.remote()), INFO_TIMEOUT_S)
+            info: ModelInfo = await asyncio.wait_for(_call(handle.info.remote()), INFO_TIMEOUT_S)
             return info
         except TimeoutError:
             raise NotReadyError(f"the model server did not answer within {INFO_TIMEOUT_S:.0f} s (restarting?)") \
                 from None
 
     async def models(self) -> dict[str, Any]:
-        return {"object": "list", "data": [model_card(self.model_id)]}
+        return {"object": "list", "data": [model_card(s.name, {"kind": s.kind} if len(self.table.served) > 1
+                                                      else None) for s in self.table.served]}
+
+    async def embeddings(self, body: Any, request_id: str | None = None) -> dict[str, Any]:
+        req: EmbeddingRequest = parse(EmbeddingRequest, body)
+        target = self.table.pick(req.model, "embedding")
+        out: Embeddings = raise_if_error(await _call(target.handle.embed.remote(EmbedCall(inputs=req.inputs()))))
+        return embedding_response(target.name, out, req.encoding_format, req.dimensions)
 
     async def tokenize(self, body: Any) -> dict[str, Any]:
         req: TokenizeRequest = parse(TokenizeRequest, body)
@@ -136,41 +163,39 @@ class OpenAIService:
         else:
             call = TokenizeCall(text=req.content if req.content is not None else req.prompt,
                                 add_special=req.add_special)
-        return raise_if_error(await _call(self.model.tokenize.remote(call))).model_dump()
+        model = self.table.pick(_named(req), "chat").handle
+        return raise_if_error(await _call(model.tokenize.remote(call))).model_dump()
 
     async def detokenize(self, body: Any) -> dict[str, Any]:
         req: DetokenizeRequest = parse(DetokenizeRequest, body)
         call = DetokenizeCall(tokens=tuple(req.tokens))
-        return raise_if_error(await _call(self.model.detokenize.remote(call))).model_dump()
+        model = self.table.pick(_named(req), "chat").handle
+        return raise_if_error(await _call(model.detokenize.remote(call))).model_dump()
 
     # ---- generation ----------------------------------------------------------------------------------------
 
     async def chat(self, body: Any, request_id: str | None = None) -> Reply:
         req: ChatCompletionRequest = parse(ChatCompletionRequest, body)
-        self._check_model(req.model)
+        target = self.table.pick(req.model, "chat")
         gen = GenerateRequest(label=request_id or response_id(CHAT), messages=_messages(req.messages),
                               params=req.to_sampling_params(self.default_max_tokens), stream=req.stream)
-        return await self._run(gen, chat=True, include_usage=req.include_usage)
+        return await self._run(gen, chat=True, include_usage=req.include_usage, target=target)
 
     async def completions(self, body: Any, request_id: str | None = None) -> Reply:
         req: CompletionRequest = parse(CompletionRequest, body)
-        self._check_model(req.model)
+        target = self.table.pick(req.model, "chat")
         prompt = req.prompt_value()
         gen = GenerateRequest(label=request_id or response_id(COMPLETIONS),
                               prompt=tuple(prompt) if isinstance(prompt, list) else prompt,
                               params=req.to_sampling_params(self.default_max_tokens), stream=req.stream)
-        return await self._run(gen, chat=False, include_usage=req.include_usage)
+        return await self._run(gen, chat=False, include_usage=req.include_usage, target=target)
 
-    def _check_model(self, model: str | None) -> None:
-        if model and model != self.model_id:
-            raise ModelNotFoundError(f"model '{model}' is not served here; available: '{self.model_id}'",
-                                     param="model")
-
-    async def _run(self, req: GenerateRequest, *, chat: bool, include_usage: bool) -> Reply:
+    async def _run(self, req: GenerateRequest, *, chat: bool, include_usage: bool, target: Served) -> Reply:
+        model = target.handle
         if not req.stream:
-            done: Done = raise_if_error(await _call(self.model.complete.remote(req)))
-            return self._full_response(req.label, done, chat)
-        gen = self.model.options(stream=True).generate.remote(req)
+            done: Done = raise_if_error(await _call(model.complete.remote(req)))
+            return self._full_response(req.label, done, chat, target.name)
+        gen = model.options(stream=True).generate.remote(req)
         try:
             first: Event = await _call(gen.__anext__())
         except StopAsyncIteration:
@@ -181,9 +206,9 @@ class OpenAIService:
         if isinstance(first, ErrorEvent):
             gen.cancel()
             raise first.error
-        return EventStream(gen, first, ChunkMaker(req.label, self.model_id, now(), chat), include_usage)
+        return EventStream(gen, first, ChunkMaker(req.label, target.name, now(), chat), include_usage)
 
-    def _full_response(self, rid: str, done: Done, chat: bool) -> dict[str, Any]:
+    def _full_response(self, rid: str, done: Done, chat: bool, model_id: str) -> dict[str, Any]:
         text = done.text or ""
         if chat:
             choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
@@ -191,8 +216,14 @@ class OpenAIService:
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": done.finish_reason}
         return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": now(),
-                "model": self.model_id, "choices": [choice], "usage": done.usage.model_dump(),
+                "model": model_id, "choices": [choice], "usage": done.usage.model_dump(),
                 "timings": done.timings.model_dump()}
+
+
+def _named(req: BaseModel) -> str | None:
+    """The ``model`` a /tokenize or /detokenize body names (an extra field there), if any."""
+    name = (req.model_extra or {}).get("model")
+    return name if isinstance(name, str) else None
 
 
 def _messages(messages: list[Any]) -> tuple[Message, ...]:

@@ -6,7 +6,7 @@ this is the only place a RunPod body is walked (the ingress validates its shape,
 
 Accepted shapes (worker-vllm compatible; anything else is an ``InvalidRequestError`` with a readable message):
 
-* OpenAI gateway: ``{"openai_route": "/v1/chat/completions" | "/v1/completions" | "/v1/models",
+* OpenAI gateway: ``{"openai_route": "/v1/chat/completions" | "/v1/completions" | "/v1/models" | "/v1/embeddings",
   "openai_input": {<OpenAI request body>}}``. ``openai_route`` defaults to chat completions when only
   ``openai_input`` is given; ``openai_route`` alone (or with an empty ``openai_input``) is a GET, which only
   ``/v1/models`` answers. Streaming follows ``openai_input.stream``.

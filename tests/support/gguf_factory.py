@@ -82,6 +82,7 @@ class ModelSpec:
     chat_template: str | None = CHATML_TEMPLATE
     name: str = "tiny-test"
     vocab_size: int = 0  # 0: the synthetic vocabulary as is (a few hundred tokens); more pads it with fillers
+    pooling: str | None = None  # an embedding model: "mean", "cls" or "last" (llama.cpp pools llama-arch models too)
 
 
 def write_gguf(path: str | os.PathLike[str], spec: ModelSpec = ModelSpec()) -> str:
@@ -118,6 +119,8 @@ def write_gguf(path: str | os.PathLike[str], spec: ModelSpec = ModelSpec()) -> s
     w.add_add_eos_token(False)
     if spec.chat_template is not None:
         w.add_chat_template(spec.chat_template)
+    if spec.pooling is not None:
+        w.add_pooling_type(gguf.PoolingType[spec.pooling.upper()])
 
     def mat(name: str, rows: int, cols: int, std: float | None = None) -> None:
         x = rng.standard_normal((rows, cols), dtype=np.float32) * np.float32(std or spec.std)

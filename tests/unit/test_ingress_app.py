@@ -34,6 +34,9 @@ class FakeService:
     async def completions(self, body: Any, rid: str) -> dict[str, Any]:
         return await self._answer("completions", body, rid)
 
+    async def embeddings(self, body: Any, rid: str) -> dict[str, Any]:
+        return await self._answer("embeddings", body, rid)
+
     async def tokenize(self, body: Any) -> dict[str, Any]:
         return await self._answer("tokenize", body)
 
@@ -74,9 +77,9 @@ def test_every_table_route_is_served(svc: FakeService) -> None:
     for r in ROUTES:
         resp = call(app, r.method, r.path, json={"x": 1} if r.method == "POST" else None)
         assert resp.status_code == 200, (r.path, resp.text)
-    assert {c[0] for c in svc.calls} == {"chat", "completions", "tokenize", "detokenize", "models"}
+    assert {c[0] for c in svc.calls} == {"chat", "completions", "embeddings", "tokenize", "detokenize", "models"}
     prefixes = {c[0]: c[2].split("-")[0] for c in svc.calls if c[2]}
-    assert prefixes == {"chat": "chatcmpl", "completions": "cmpl"}
+    assert prefixes == {"chat": "chatcmpl", "completions": "cmpl", "embeddings": "embd"}
 
 
 def test_request_id_is_used_when_plain_and_replaced_otherwise(svc: FakeService) -> None:

@@ -75,13 +75,18 @@ class _Replicas:
 def test_the_service_reports_every_replica_and_falls_back_to_one() -> None:
     import asyncio
 
+    from serve_app.ingress.models import ModelTable, Served
     from serve_app.ingress.openai import OpenAIService
 
-    service = OpenAIService(_Model(info("ready", 1)), "m", 16)
-    service.replicas = _Replicas({"a": info("ready", 1, 1), "b": info("loading")})  # type: ignore[assignment]
+    def service_with(replicas: _Replicas) -> OpenAIService:
+        model = _Model(info("ready", 1))
+        served = Served("m", "chat", model, replicas)  # type: ignore[arg-type]
+        return OpenAIService(model, "m", 16, table=ModelTable([served]))
+
+    service = service_with(_Replicas({"a": info("ready", 1, 1), "b": info("loading")}))
     stats = asyncio.run(service.stats())
     assert (stats["state"], stats["slots_total"], stats["slots_busy"]) == ("ready", 1, 1)
     assert [r["replica"] for r in stats["replicas"]] == ["a", "b"] and "detail" not in stats["replicas"][0]
-    service.replicas = _Replicas(None)  # type: ignore[assignment]
+    service = service_with(_Replicas(None))
     assert asyncio.run(service.info()).slots_total == 1  # the one replica a handle call reaches
     assert asyncio.run(service.stats())["replicas"] == []
