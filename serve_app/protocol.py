@@ -118,6 +118,12 @@ class Timings(BaseModel):
     cache_n: int = 0
 
 
+def openai_usage(u: Usage) -> dict[str, Any]:
+    """``Usage`` as OpenAI spells it: the reused prompt tokens under ``prompt_tokens_details.cached_tokens``."""
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "total_tokens": u.total_tokens, "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
@@ -173,6 +179,11 @@ class ModelInfo(BaseModel):
     tokens_generated: int = 0
     tokens_prompt: int = 0
     preemptions: int = 0
+    # Prompt caching: KV cells idle slots keep for reuse, prompt tokens reused so far, and per slot (busy, cached
+    # tokens, seconds idle).
+    kv_cells_cached: int = 0
+    tokens_cached: int = 0
+    slots: list[dict[str, Any]] | None = None
     plan: dict[str, Any] | None = None
     file: dict[str, Any] | None = None
     gpu_memory: dict[str, int] | None = None
