@@ -9,7 +9,6 @@ llama-server binary's RSS. Each engine runs in a fresh subprocess (RSS read from
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import subprocess
@@ -84,5 +83,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.set_event_loop_policy(None)
     main()
