@@ -37,6 +37,13 @@ class ModelMetrics:
         self.decode_rate = Histogram("gguf_decode_tokens_per_s", description="Per-request decode speed.",
                                      boundaries=_TOKS_BUCKETS)
         self.prompt_tokens = Counter("gguf_prompt_tokens", description="Prompt tokens processed.")
+        # Prompt caching: computed vs reused prompt tokens, and the share reused since the replica started.
+        self.prompt_computed = Counter("gguf_prompt_tokens_computed", description="Prompt tokens prefilled.")
+        self.prompt_cached = Counter("gguf_prompt_tokens_cached", description="Prompt tokens reused from the "
+                                     "prompt cache instead of prefilled.")
+        self.cache_hit_ratio = Gauge("gguf_prompt_cache_hit_ratio", description="Prompt tokens reused / prompt "
+                                     "tokens, since the replica started.")
+        self._n_prompt = self._n_cached = 0
         self.generated_tokens = Counter("gguf_generated_tokens", description="Completion tokens generated.")
         self.finished = Counter("gguf_generations", description="Finished generations by reason.",
                                 tag_keys=("reason",))
@@ -57,6 +64,13 @@ class ModelMetrics:
         if t.decode_tokens_per_s > 0:
             self.decode_rate.observe(t.decode_tokens_per_s)
         self.prompt_tokens.inc(u.prompt_tokens)
+        if u.prompt_tokens > u.cached_tokens:
+            self.prompt_computed.inc(u.prompt_tokens - u.cached_tokens)
+        if u.cached_tokens:
+            self.prompt_cached.inc(u.cached_tokens)
+        self._n_prompt += u.prompt_tokens
+        self._n_cached += u.cached_tokens
+        self.cache_hit_ratio.set(self._n_cached / max(1, self._n_prompt))
         if u.completion_tokens:
             self.generated_tokens.inc(u.completion_tokens)
         self.finished.inc(tags={"reason": done.finish_reason})

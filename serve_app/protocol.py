@@ -42,6 +42,8 @@ class SamplingParams(_Strict):
     seed: int | None = None
     stop: tuple[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)], ...] = ()
     ignore_eos: bool = False
+    # Prompt caching: False makes this request prefill its whole prompt (llama-server's field of the same name).
+    cache_prompt: bool = True
 
     @property
     def greedy(self) -> bool:
@@ -112,12 +114,22 @@ class Timings(BaseModel):
     decode_tokens_per_s: float = 0.0
     prompt_n: int = 0
     predicted_n: int = 0
+    # Prompt caching: prompt tokens reused from the KV cache (llama-server's name).
+    cache_n: int = 0
+
+
+def openai_usage(u: Usage) -> dict[str, Any]:
+    """``Usage`` as OpenAI spells it: the reused prompt tokens under ``prompt_tokens_details.cached_tokens``."""
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "total_tokens": u.total_tokens, "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
 
 
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    # Prompt caching: prompt tokens reused from a cache, not computed (OpenAI: prompt_tokens_details.cached_tokens).
+    cached_tokens: int = 0
 
 
 FinishReason = Literal["stop", "length"]
@@ -167,6 +179,11 @@ class ModelInfo(BaseModel):
     tokens_generated: int = 0
     tokens_prompt: int = 0
     preemptions: int = 0
+    # Prompt caching: KV cells idle slots keep for reuse, prompt tokens reused so far, and per slot (busy, cached
+    # tokens, seconds idle).
+    kv_cells_cached: int = 0
+    tokens_cached: int = 0
+    slots: list[dict[str, Any]] | None = None
     plan: dict[str, Any] | None = None
     file: dict[str, Any] | None = None
     gpu_memory: dict[str, int] | None = None

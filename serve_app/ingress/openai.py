@@ -27,6 +27,7 @@ from serve_app.protocol import (
     Message,
     ModelInfo,
     TokenizeCall,
+    openai_usage,
     raise_if_error,
 )
 from serve_app.ray_errors import ray_failure
@@ -216,7 +217,7 @@ class OpenAIService:
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": done.finish_reason}
         return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": now(),
-                "model": model_id, "choices": [choice], "usage": done.usage.model_dump(),
+                "model": model_id, "choices": [choice], "usage": openai_usage(done.usage),
                 "timings": done.timings.model_dump()}
 
 

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from serve_app.errors import EngineDeadError
-from serve_app.protocol import Delta, Done, ErrorEvent, Event
+from serve_app.protocol import Delta, Done, ErrorEvent, Event, openai_usage
 from serve_app.ray_errors import ray_failure
 
 from .replies import DONE, internal_error, sse, sse_error
@@ -41,7 +41,7 @@ class ChunkMaker:
                                           "logprobs": None, "finish_reason": None}]}
 
     def usage(self, done: Done) -> dict[str, Any]:
-        return {**self.head, "choices": [], "usage": done.usage.model_dump()}
+        return {**self.head, "choices": [], "usage": openai_usage(done.usage)}
 
 
 class EventStream:

@@ -93,6 +93,7 @@ class ModelService:
                 n_ctx_seq=ld.loaded.engine.n_ctx_seq, slots_total=st.slots_total, slots_busy=st.slots_busy,
                 waiting=st.waiting, kv_cells_used=st.kv_cells_used, kv_cells_total=st.kv_cells_total,
                 tokens_generated=st.tokens_generated, tokens_prompt=st.tokens_prompt, preemptions=st.preemptions,
+                kv_cells_cached=st.kv_cells_cached, tokens_cached=st.tokens_cached, slots=st.slots,
                 plan=ld.loaded.report.plan))
         return info
 

@@ -197,3 +197,28 @@ def test_queue_limit_returns_429(guarded_app: str) -> None:
     assert codes.count(200) >= 2 and 429 in codes, codes
     limited = next(r for r in asyncio.run(main()) if r.status_code == 429) if 429 in codes else None
     assert limited is None or limited.headers.get("retry-after")
+
+
+def test_second_turn_reports_cached_prompt_tokens(llm_app: str, model_id: str) -> None:
+    """Prompt caching over HTTP: a conversation's next turn reuses the previous one (OpenAI's
+    usage.prompt_tokens_details.cached_tokens, in a response and in a stream's usage chunk; llama-server's
+    timings.cache_n), ``cache_prompt: false`` reuses nothing, and /stats shows the idle slots' caches."""
+    client = openai.OpenAI(base_url=f"{llm_app}/v1", api_key="x")
+    turn1 = [{"role": "system", "content": "you answer briefly about the lazy dog and the quick fox " * 4},
+             {"role": "user", "content": "hello cache"}]
+    first = client.chat.completions.create(model=model_id, messages=turn1, max_tokens=4, temperature=0)
+    turn2 = [*turn1, {"role": "assistant", "content": first.choices[0].message.content or ""},
+             {"role": "user", "content": "and again"}]
+    chunks = list(client.chat.completions.create(model=model_id, messages=turn2, max_tokens=4, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    cached = chunks[-1].usage.prompt_tokens_details.cached_tokens
+    assert cached >= 0.5 * first.usage.prompt_tokens, chunks[-1].usage
+    again = client.chat.completions.create(model=model_id, messages=turn2, max_tokens=4, temperature=0)
+    assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1
+    assert again.model_extra["timings"]["cache_n"] == again.usage.prompt_tokens - 1
+    off = client.chat.completions.create(model=model_id, messages=turn2, max_tokens=4, temperature=0,
+                                         extra_body={"cache_prompt": False})
+    assert off.usage.prompt_tokens_details.cached_tokens == 0
+    st = httpx.get(f"{llm_app}/stats").json()
+    assert st["tokens_cached"] > 0 and st["kv_cells_cached"] > 0
+    assert max(s["cached_tokens"] for s in st["slots"]) >= again.usage.prompt_tokens - 1
