@@ -86,3 +86,13 @@ def test_builder_sets_the_router_by_default_and_off_keeps_rays() -> None:
     assert kwargs == {"imbalance_threshold": 2, "prompt_key_chars": 64}
     off = AppArgs.model_validate({**base, "routing": {"prefix_affinity": False}})
     assert "request_router_config" not in llama_model_options(off, use_gpu=False)
+
+
+def test_ray_accepts_the_router_config() -> None:
+    from ray.serve.config import RequestRouterConfig
+
+    from serve_app.model.affinity import PrefixAffinityRouter, router_config
+
+    cfg = RequestRouterConfig(**router_config(True, 4, 256))  # imports the class by its path, as Serve does
+    assert cfg.get_request_router_class() is not None
+    assert cfg.request_router_class == ROUTER_CLASS and PrefixAffinityRouter.__name__ in ROUTER_CLASS
