@@ -178,15 +178,23 @@ class Serve:
     def deploy(self, name: str, replicas: int) -> str:
         from ray import serve
 
-        from serve_app.builder import compose, llama_model_options
-        from serve_app.config import AppArgs
+        from serve_app import builder
 
-        args = AppArgs.model_validate(self.args)
-        overrides: dict[str, Any] = {}
-        if replicas > 1:
-            actor = llama_model_options(args, use_gpu=False)["ray_actor_options"]
-            overrides = {"num_replicas": replicas, "ray_actor_options": {**actor, "num_cpus": 1 / replicas}}
-        serve.run(compose(args, False, overrides), name=name, route_prefix=f"/{name}")
+        plain = builder.llama_model_options
+
+        def options(args: Any, use_gpu: bool) -> dict[str, Any]:
+            # What a Serve config's ``deployments:`` entry would override: the replica count, the CPUs shared.
+            opts = plain(args, use_gpu)
+            if replicas == 1:
+                return opts
+            return {**opts, "num_replicas": replicas,
+                    "ray_actor_options": {**opts["ray_actor_options"], "num_cpus": 1 / replicas}}
+
+        builder.llama_model_options = options
+        try:
+            serve.run(builder.build_app(self.args), name=name, route_prefix=f"/{name}")
+        finally:
+            builder.llama_model_options = plain
         base = f"http://127.0.0.1:{self.port}/{name}"
         ok = 0
         while ok < 10 * replicas:  # /ready reaches a random replica: many 200s in a row mean all have loaded

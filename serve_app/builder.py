@@ -97,14 +97,9 @@ def llama_model_routing(args: AppArgs) -> dict[str, Any]:
 def build_app(args: AppArgs) -> serve.Application:
     if isinstance(args, dict):
         args = AppArgs.model_validate(args)
-    return compose(args, resolve_accelerator(args))
-
-
-def compose(args: AppArgs, use_gpu: bool, model_overrides: dict[str, Any] | None = None) -> serve.Application:
-    """The graph. ``model_overrides``: LlamaModel options over the builder's, as a Serve config's ``deployments:``
-    entry sets them (``num_replicas``, say) where there is no config file."""
+    use_gpu = resolve_accelerator(args)
     cache = ModelCache.options(**model_cache_options()).bind(args.cache_dir, args.download.model_dump())
-    model = LlamaModel.options(**{**llama_model_options(args, use_gpu), **(model_overrides or {})}).bind(
+    model = LlamaModel.options(**llama_model_options(args, use_gpu)).bind(
         cache, args.model_dump(mode="json"), use_gpu)
     return Ingress.options(**ingress_options(args)).bind(
         model, args.model_name(), args.server, args.engine.max_tokens_default)

@@ -9,12 +9,14 @@ the others (least loaded first) only when it is full or has ``imbalance_threshol
 the least loaded replica. Calls that carry no ``GenerateRequest`` (info, tokenize) are spread as Ray's default
 does, over two random replicas.
 
-Why not Ray's ``PrefixCacheAffinityRouter``: it matches prompt text in a prefix tree held by a detached actor,
-with two blocking ``ray.get`` calls per request on the caller's event loop (the Ingress relays every stream on
-that loop); it raises on calls without a prompt (``detokenize``) and divides by zero on an empty one; and
-conversations that share a long system prompt all match the replica that saw it first, so with its default
-threshold they never spread. Rendezvous hashing needs no shared state, costs one hash per replica per request,
-spreads independent conversations evenly, and moves only the conversations of a replica that leaves.
+Why not Ray's ``PrefixCacheAffinityRouter``: its public path (``ray.serve.llm``) imports Ray's LLM stack, which
+needs the ``ray[llm]`` extra (vLLM, pyarrow); it reads our requests wrongly (``messages`` as a tuple of models
+becomes empty text, a division by zero; a raw ``prompt`` is never read because the ``messages`` attribute, None,
+is found first, so it raises, as it does for ``tokenize``/``detokenize`` calls); it keeps a prefix tree in a
+detached actor with two blocking ``ray.get`` calls per request on the caller's event loop, which relays every
+stream; and conversations that share a long system prompt all match the replica that saw it first, so with its
+default threshold they never spread. Rendezvous hashing needs no shared state, costs one hash per replica per
+request, spreads independent conversations evenly, and moves only the conversations of a replica that leaves.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import openai
 import pytest
 from ray import serve
 
-from serve_app.builder import compose, llama_model_options
+from serve_app import builder
 from serve_app.config import AppArgs
 from tests.conftest import LLM_APP_ARGS, wait_ready
 
@@ -21,12 +21,19 @@ pytestmark = pytest.mark.timeout(180)
 SYSTEM = "You are a careful assistant who answers briefly. " * 4
 
 
-def two_replica_app(volume: Path) -> Any:
-    args = AppArgs.model_validate({**LLM_APP_ARGS, "cache_dir": str(volume),
-                                   "engine": {"n_parallel": 2, "n_ctx_per_slot": 512, "n_threads": 1}})
-    actor = llama_model_options(args, use_gpu=False)["ray_actor_options"]
-    # Half a logical CPU each: both fit beside the session's other apps; llama.cpp's one thread does the work.
-    return compose(args, False, {"num_replicas": 2, "ray_actor_options": {**actor, "num_cpus": 0.5}})
+def two_replica_app(volume: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The app as ``build_app`` wires it, with LlamaModel's options overridden the way a Serve config's
+    ``deployments:`` entry would: two replicas, half a logical CPU each (both fit beside the session's other apps;
+    llama.cpp's one thread does the work)."""
+    plain = builder.llama_model_options
+
+    def two_replicas(args: AppArgs, use_gpu: bool) -> dict[str, Any]:
+        opts = plain(args, use_gpu)
+        return {**opts, "num_replicas": 2, "ray_actor_options": {**opts["ray_actor_options"], "num_cpus": 0.5}}
+
+    monkeypatch.setattr(builder, "llama_model_options", two_replicas)
+    return builder.build_app({**LLM_APP_ARGS, "cache_dir": str(volume),
+                              "engine": {"n_parallel": 2, "n_ctx_per_slot": 512, "n_threads": 1}})
 
 
 def wait_both_ready(base: str) -> None:
@@ -47,8 +54,9 @@ def turn(client: openai.OpenAI, messages: list[dict[str, str]], max_tokens: int)
                                           extra_body={"ignore_eos": True})
 
 
-def test_conversations_stick_to_a_replica_and_spread_over_replicas(ray_session: str, tmp_path: Path) -> None:
-    serve.run(two_replica_app(tmp_path / "volume"), name="affinity", route_prefix="/affinity")
+def test_conversations_stick_to_a_replica_and_spread_over_replicas(ray_session: str, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    serve.run(two_replica_app(tmp_path / "volume", monkeypatch), name="affinity", route_prefix="/affinity")
     try:
         wait_both_ready(f"{ray_session}/affinity")
         client = openai.OpenAI(base_url=f"{ray_session}/affinity/v1", api_key="x", max_retries=8)
