@@ -96,3 +96,45 @@ def test_ray_accepts_the_router_config() -> None:
     cfg = RequestRouterConfig(**router_config(True, 4, 256))  # imports the class by its path, as Serve does
     assert cfg.get_request_router_class() is not None
     assert cfg.request_router_class == ROUTER_CLASS and PrefixAffinityRouter.__name__ in ROUTER_CLASS
+
+
+class FakeReplica:
+    """What ``choose_replicas`` reads of a replica: its id (and Serve's queue-length cache, keyed by it)."""
+
+    def __init__(self, unique_id: str) -> None:
+        from ray.serve._private.common import DeploymentID
+        from ray.serve.request_router import ReplicaID
+
+        self.replica_id = ReplicaID(unique_id, DeploymentID(name="LlamaModel", app_name="llm"))
+        self.max_ongoing_requests = 100
+
+
+def test_router_ranks_the_conversations_replica_first_and_yields_past_the_threshold() -> None:
+    import asyncio
+    from types import SimpleNamespace
+
+    from ray.serve._private.common import DeploymentHandleSource, DeploymentID
+
+    from serve_app.model.affinity import PrefixAffinityRouter
+
+    async def scenario() -> None:
+        router = PrefixAffinityRouter(DeploymentID(name="LlamaModel", app_name="llm"), DeploymentHandleSource.UNKNOWN)
+        router.initialize_state(imbalance_threshold=2, prompt_key_chars=256)
+        reps = [FakeReplica(x) for x in ("aa", "bb", "cc")]
+        req = SimpleNamespace(args=[chat("hello")], kwargs={},
+                              routing_context=SimpleNamespace(should_backoff=False))
+        ranks = await router.choose_replicas(reps, req)
+        assert req.routing_context.should_backoff  # all full: back off, as Ray's default router does
+        home = ranks[0][0]
+        assert len(ranks[0]) == 1 and set(ranks[1]) == set(reps) - {home}
+        later = SimpleNamespace(args=[chat("hello", "hi", "more")], kwargs={}, routing_context=req.routing_context)
+        assert (await router.choose_replicas(reps, later))[0] == [home]
+        for r in reps:
+            router.replica_queue_len_cache.update(r.replica_id, 4 if r is home else 2)
+        assert (await router.choose_replicas(reps, req))[0] == [home]  # 2 more in flight: within the threshold
+        router.replica_queue_len_cache.update(home.replica_id, 5)
+        ranks = await router.choose_replicas(reps, req)  # 3 more: the others first, least loaded chosen by Serve
+        assert set(ranks[0]) == set(reps) - {home} and ranks[1] == [home]
+        info = SimpleNamespace(args=[], kwargs={}, routing_context=req.routing_context)
+        assert len((await router.choose_replicas(reps, info))[0]) == 2  # no conversation: two at random
+    asyncio.run(scenario())
