@@ -2,8 +2,8 @@
 """Prompt caching on a chat workload, side by side in one run: N users x T turns sharing one long system prompt
 (1,500 tokens by default), answers of 64 tokens (greedy, ``ignore_eos``: every answer has the same length).
 
-User 0's first turn runs alone (cold: nothing cached); then every user runs its turns concurrently, each turn
-sent when the user's previous answer is in. The same workload runs, each with its own system prompt so nothing
+User 0's first turn runs alone (cold: nothing cached); then every user runs its turns concurrently (users 1.. 50 ms
+apart), each turn sent when the user's previous answer is in. The same workload runs, each with its own system prompt so nothing
 carries over, against:
 
   cache         - the full graph (HTTP -> Ingress -> LlamaModel), prompt caching on (the default)
@@ -92,7 +92,9 @@ async def workload(base: str, system: str, users: int, turns: int, answer: int, 
 
     async def user(c: httpx.AsyncClient, u: int) -> None:
         if u:
+            # Users arrive one after another, 50 ms apart, after the cold turn (user 0's next turn goes first).
             await cold_done.wait()
+            await asyncio.sleep(0.05 * u)
         messages = [{"role": "system", "content": system}]
         for k in range(turns):
             topic = " ".join(WORDS[(u * 7 + k * 3 + i) % len(WORDS)] for i in range(10))
@@ -191,8 +193,10 @@ class Serve:
                     "ray_actor_options": {**opts["ray_actor_options"], "num_cpus": 1 / replicas}}
 
         builder.llama_model_options = options
+        # The replicas share the cores: as many llama.cpp threads in all as with one replica.
+        engine = {**self.args["engine"], "n_threads": max(1, self.args["engine"]["n_threads"] // replicas)}
         try:
-            serve.run(builder.build_app(self.args), name=name, route_prefix=f"/{name}")
+            serve.run(builder.build_app({**self.args, "engine": engine}), name=name, route_prefix=f"/{name}")
         finally:
             builder.llama_model_options = plain
         base = f"http://127.0.0.1:{self.port}/{name}"
