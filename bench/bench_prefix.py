@@ -68,7 +68,8 @@ async def chat_turn(c: httpx.AsyncClient, messages: list[dict[str, str]], body: 
     t0 = time.perf_counter()
     ttft, parts, usage, timings = None, [], None, None
     async with c.stream("POST", "/v1/chat/completions", json={**body, "messages": messages}) as r:
-        r.raise_for_status()
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread()).decode(errors='replace')[:500]}")
         async for line in r.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
@@ -268,10 +269,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--turns", type=int, default=4)
     ap.add_argument("--system-tokens", type=int, default=1500)
     ap.add_argument("--answer-tokens", type=int, default=64)
-    ap.add_argument("--n-ctx-per-slot", type=int, default=2560)
+    ap.add_argument("--n-ctx-per-slot", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--replicas", type=int, choices=(1, 2), default=1)
     ap.add_argument("--llama-server", help="path of a llama-server binary to run the same workload against")
+    ap.add_argument("--out", help="also write the JSON here (Ray may print to stdout while it shuts down)")
     a = ap.parse_args(argv)
     model = a.model or write_gguf(Path(tempfile.mkdtemp(prefix="bench-model-")) / "bench-32k.gguf", BENCH_SPEC_32K)
 
@@ -303,7 +305,10 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             proc.terminate()
             proc.wait(30)
-    print(json.dumps({"setup": setup, **res, "targets": targets(res)}, indent=1))
+    doc = json.dumps({"setup": setup, **res, "targets": targets(res)}, indent=1)
+    if a.out:
+        Path(a.out).write_text(doc + "\n")
+    print(doc)
 
 
 if __name__ == "__main__":
