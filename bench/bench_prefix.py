@@ -220,17 +220,20 @@ class Serve:
         ray.shutdown()
 
 
-def start_llama_server(binary: str, model: str, users: int, n_ctx: int, threads: int) -> tuple[subprocess.Popen, str]:
+def start_llama_server(binary: str, model: str, users: int, n_ctx: int,
+                       threads: int) -> tuple[subprocess.Popen, str, str]:
     port = 19000 + os.getpid() % 1000
     cmd = [binary, "-m", model, "--host", "127.0.0.1", "--port", str(port), "-np", str(users),
            "-c", str(users * n_ctx), "-t", str(threads), "--jinja", "--cache-prompt"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    log = os.path.join(tempfile.mkdtemp(prefix="bench-llama-server-"), "log")
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
     while time.time() < deadline:
         try:
             if httpx.get(f"{base}/health", timeout=5).status_code == 200:
-                return proc, base
+                return proc, base, log
         except httpx.HTTPError:
             pass
         if proc.poll() is not None:
@@ -298,10 +301,13 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         srv.close()
     if a.llama_server:
-        proc, lbase = start_llama_server(a.llama_server, model, a.users, a.n_ctx_per_slot, a.threads)
+        proc, lbase, log = start_llama_server(a.llama_server, model, a.users, a.n_ctx_per_slot, a.threads)
         try:
             system, _ = system_prompt(lbase, a.system_tokens, "llama-server")
             res["llama_server"] = asyncio.run(workload(lbase, system, cache=True, **run))
+        except Exception as e:  # the peer failing must not cost the figures above
+            res["llama_server"] = {"error": f"{type(e).__name__}: {e}", "exit_code": proc.poll(),
+                                   "log_tail": Path(log).read_text(errors="replace")[-1500:]}
         finally:
             proc.terminate()
             proc.wait(30)
