@@ -108,7 +108,8 @@ async def workload(base: str, system: str, users: int, turns: int, answer: int, 
             if u == 0 and k == 0:
                 cold_done.set()
 
-    limits = httpx.Limits(max_connections=users * 2)
+    # No keep-alive: a server that closes idle connections (llama-server after 5 s) must not fail a turn.
+    limits = httpx.Limits(max_connections=users * 2, max_keepalive_connections=0)
     async with httpx.AsyncClient(base_url=base, timeout=1800, limits=limits) as c:
         t0 = time.perf_counter()
         await asyncio.gather(*[user(c, u) for u in range(users)])
