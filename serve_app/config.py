@@ -80,6 +80,13 @@ class EngineConfig(_Strict):
                     "and resumed once another finishes. Off: each slot owns n_ctx_per_slot cells, which measured 3x "
                     "faster per decode step at long contexts.",
     )
+    # Prompt caching and the sliding-window cache.
+    swa_full: bool = Field(
+        default=False,
+        description="Full-size KV for sliding-window (SWA) layers (Gemma 2/3 and others). Off, as in llama-server: "
+                    "those layers hold only their window, far less memory, but a cached prompt prefix is reusable "
+                    "only while its window is still held. No effect on models without SWA.",
+    )
     n_threads: int | None = Field(default=None, ge=1, description="CPU threads; default: all cores.")
     max_queued_requests: int = Field(
         default=256, ge=0, validation_alias=AliasChoices("max_queued_requests", "max_queue"),

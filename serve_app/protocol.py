@@ -42,6 +42,8 @@ class SamplingParams(_Strict):
     seed: int | None = None
     stop: tuple[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)], ...] = ()
     ignore_eos: bool = False
+    # Prompt caching: False makes this request prefill its whole prompt (llama-server's field of the same name).
+    cache_prompt: bool = True
 
     @property
     def greedy(self) -> bool:
@@ -115,12 +117,16 @@ class Timings(BaseModel):
     decode_tokens_per_s: float = 0.0
     prompt_n: int = 0
     predicted_n: int = 0
+    # Prompt caching: prompt tokens reused from the KV cache (llama-server's name).
+    cache_n: int = 0
 
 
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    # Prompt caching: prompt tokens reused from a cache, not computed (OpenAI: prompt_tokens_details.cached_tokens).
+    cached_tokens: int = 0
 
 
 FinishReason = Literal["stop", "length"]

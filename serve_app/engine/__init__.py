@@ -15,7 +15,8 @@ if TYPE_CHECKING:
     from .generation import EngineRequest
     from .llama import LlamaModelHandle
     from .loader import LoadReport, load_engine
-    from .scheduler import Engine, EngineStats
+    from .scheduler import Engine
+    from .stats import EngineStats
 
 _EXPORTS = {
     "RequestStream": "aio", "open_stream": "aio",
@@ -23,7 +24,7 @@ _EXPORTS = {
     "EngineRequest": "generation",
     "LlamaModelHandle": "llama",
     "LoadReport": "loader", "load_engine": "loader",
-    "Engine": "scheduler", "EngineStats": "scheduler",
+    "Engine": "scheduler", "EngineStats": "stats",
 }
 
 __all__ = [

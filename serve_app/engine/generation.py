@@ -84,6 +84,7 @@ class Generation:
         self.stopped_on_string = False
         self.t_admit = time.perf_counter()
         self.t_first = 0.0
+        self.n_cached = 0  # prompt tokens reused from a slot's cache at admission
 
     @property
     def generated(self) -> int:
@@ -132,7 +133,8 @@ class Generation:
 
     def _usage(self) -> Usage:
         n_prompt = len(self.req.prompt)
-        return Usage(prompt_tokens=n_prompt, completion_tokens=self.generated, total_tokens=n_prompt + self.generated)
+        return Usage(prompt_tokens=n_prompt, completion_tokens=self.generated, total_tokens=n_prompt + self.generated,
+                     cached_tokens=self.n_cached)
 
     def _timings(self) -> Timings:
         end = time.perf_counter()
@@ -143,7 +145,7 @@ class Generation:
             queue_ms=(self.t_admit - self.req.arrival) * 1e3, prompt_ms=(first - self.t_admit) * 1e3,
             ttft_ms=(first - self.req.arrival) * 1e3, decode_ms=decode_s * 1e3,
             decode_tokens_per_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
-            prompt_n=len(self.req.prompt), predicted_n=n,
+            prompt_n=len(self.req.prompt), predicted_n=n, cache_n=self.n_cached,
         )
 
     def close(self) -> None:

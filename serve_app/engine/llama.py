@@ -109,6 +109,7 @@ class LlamaModelHandle:
         self.n_head = max(1, int(L.llama_model_n_head(self.ptr)))
         self.n_head_kv = int(L.llama_model_n_head_kv(self.ptr)) or self.n_head
         self.size_bytes = int(L.llama_model_size(self.ptr))
+        self.n_swa = int(L.llama_model_n_swa(self.ptr))  # the sliding window of its SWA layers; 0: none
 
     def close(self) -> None:
         with self._lock:
@@ -204,6 +205,8 @@ class LlamaContextHandle:
         cp.n_ubatch = plan.n_ubatch
         # Non-unified by default: measured 3x faster decode at long contexts when prefixes are not shared.
         cp.kv_unified = plan.kv_unified
+        # Off (llama-server's default): SWA layers keep a window-sized cache instead of a full one per slot.
+        cp.swa_full = plan.swa_full
         cp.flash_attn_type = {"auto": L.LLAMA_FLASH_ATTN_TYPE_AUTO, "on": L.LLAMA_FLASH_ATTN_TYPE_ENABLED,
                               "off": L.LLAMA_FLASH_ATTN_TYPE_DISABLED}[plan.flash_attn]
         cp.type_k = GGML_TYPES[plan.kv_type]
@@ -225,6 +228,8 @@ class LlamaContextHandle:
         self.n_ctx = int(L.llama_n_ctx(self.ptr))
         self.n_ctx_seq = int(L.llama_n_ctx_seq(self.ptr))
         self.n_batch = int(L.llama_n_batch(self.ptr))
+        # The window a cached prefix must still hold to be reused (see prefix.py); 0 when every layer keeps all.
+        self.n_swa = 0 if plan.swa_full else model.n_swa
 
     def close(self) -> None:
         if self.ptr:
@@ -242,6 +247,14 @@ class LlamaContextHandle:
     def free_seq(self, seq: int) -> None:
         if self.ptr:
             lib().llama_memory_seq_rm(self.mem, seq, -1, -1)
+
+    def seq_rm_tail(self, seq: int, n_keep: int) -> bool:
+        """Drop ``seq``'s KV from position ``n_keep`` on; False when the memory cannot (recurrent state)."""
+        return bool(lib().llama_memory_seq_rm(self.mem, seq, n_keep, -1)) if self.ptr else False
+
+    def seq_pos_min(self, seq: int) -> int:
+        """The first position ``seq`` still holds (after a sliding window dropped older ones); -1 when none."""
+        return int(lib().llama_memory_seq_pos_min(self.mem, seq)) if self.ptr else -1
 
     def seq_pos_max(self, seq: int) -> int:
         """The last position ``seq`` holds in the KV cache; -1 when none (or once the context is freed)."""

@@ -39,11 +39,12 @@ class ContextPlan:
     n_gpu_layers: int
     flash_attn: str
     kv_unified: bool = False  # last, with a default: profiles written before it existed still load
+    swa_full: bool = False  # likewise
 
     @classmethod
     def from_config(cls, cfg: EngineConfig) -> ContextPlan:
         return cls(cfg.n_parallel, cfg.n_ctx_per_slot, cfg.n_batch, min(cfg.n_ubatch, cfg.n_batch), cfg.kv_type,
-                   cfg.n_gpu_layers, cfg.flash_attn, cfg.kv_unified)
+                   cfg.n_gpu_layers, cfg.flash_attn, cfg.kv_unified, cfg.swa_full)
 
     def describe(self) -> dict[str, Any]:
         return dict(self.__dict__)

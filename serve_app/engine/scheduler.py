@@ -2,7 +2,9 @@
 
 Every step puts one token of every generating sequence into one ``llama_decode`` call, plus up to
 ``prefill_chunk`` prompt tokens of sequences still reading their prompt (so a long prompt never stalls running
-streams for long). New requests join between steps; a finished or cancelled sequence frees its KV at once.
+streams for long). New requests join between steps. A finished or cancelled sequence's KV stays in its slot as a
+prompt cache (``prefix.py``) until a request with another prefix needs the slot or a full unified KV needs the
+cells.
 While the engine thread runs, every call into the llama context happens on it: other threads enqueue commands,
 and read-outs such as ``kv_free`` run there too (``_call``). The context is freed only once that thread has
 stopped, by whichever of it and ``shutdown`` comes last.
@@ -18,7 +20,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from serve_app.errors import EngineDeadError, EngineError, KVCacheFullError, QueueFullError, ServeError
@@ -27,27 +28,12 @@ from serve_app.protocol import ErrorEvent, Event, FinishReason
 from .batch import NpBatch
 from .generation import EngineRequest, Generation, check_request
 from .llama import LlamaContextHandle, LlamaModelHandle
+from .prefix import PrefixCache, pick_slot
+from .stats import EngineStats, slot_report
 from .step import Slot, admitted, advance_positions, build_batch, greedy_tokens
 
 log = logging.getLogger("serve_app.engine")
 T = TypeVar("T")
-
-
-@dataclass
-class EngineStats:
-    slots_total: int
-    slots_busy: int
-    waiting: int
-    kv_cells_used: int
-    kv_cells_total: int
-    steps: int
-    tokens_generated: int
-    tokens_prompt: int
-    dead: str | None
-    preemptions: int = 0
-    decode_s: float = 0.0
-    sample_s: float = 0.0
-    busy_s: float = 0.0
 
 
 class Engine:
@@ -64,6 +50,7 @@ class Engine:
         self.max_pending = self.n_slots + max_queued_requests
         self._slots = [Slot(seq=i) for i in range(self.n_slots)]
         self._batch = NpBatch(ctx.n_batch)
+        self._prefix = PrefixCache(ctx, ctx.n_swa)
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._waiting: deque[EngineRequest] = deque()
         self._paused: deque[Generation] = deque()  # preempted for KV room; re-admitted before anything new
@@ -115,12 +102,20 @@ class Engine:
             kv_cells_used=sum(s.n_past for s in busy), kv_cells_total=self.ctx.n_ctx,
             steps=self.steps, tokens_generated=self.tokens_generated, tokens_prompt=self.tokens_prompt,
             dead=self.dead, preemptions=self.preemptions, decode_s=self.decode_s, sample_s=self.sample_s,
-            busy_s=self.busy_s,
+            busy_s=self.busy_s, kv_cells_cached=sum(len(s.cache) for s in self._slots if not s.busy),
+            tokens_cached=self._prefix.reused_tokens,
+            slots=slot_report(self._slots),
         )
 
     def kv_free(self) -> bool:
-        """True when no sequence holds KV cells (asked of llama.cpp itself, on the engine thread)."""
-        return self._call(lambda: all(self.ctx.seq_pos_max(s.seq) < 0 for s in self._slots))
+        """True when no request holds KV cells: no slot is busy, and each idle slot's sequence holds exactly the
+        prompt cache it accounts for (asked of llama.cpp itself, on the engine thread), so nothing leaked."""
+        return self._call(lambda: all(not s.busy and self.ctx.seq_pos_max(s.seq) == len(s.cache) - 1
+                                      for s in self._slots))
+
+    def drop_prompt_cache(self) -> None:
+        """Free the KV that idle slots keep for reuse (llama.cpp holds no cell for them afterwards)."""
+        self._call(self._evict_idle)
 
     def shutdown(self, timeout: float = 5.0) -> bool:
         """Stop the engine thread (failing what is still queued) and free the context. If the thread does not stop
@@ -255,7 +250,7 @@ class Engine:
         gone = self._cancelled
         for s in self._slots:
             if s.gen is not None and s.gen.req.key in gone:
-                self._release(s)
+                self._release(s, keep=True)  # between steps: its KV is exactly the tokens it has read
         for gen in [g for g in self._paused if g.req.key in gone]:
             self._paused.remove(gen)
             gen.close()
@@ -271,17 +266,21 @@ class Engine:
     def _admit(self) -> None:
         if self._kv_full:
             return  # a request was paused for KV room: admit nothing until a running one frees its cells
-        for s in self._slots:
-            if not (self._paused or self._waiting):
+        while self._paused or self._waiting:
+            free = [s for s in self._slots if not s.busy]
+            if not free:
                 return
-            if s.busy:
-                continue
             gen = self._paused.popleft() if self._paused else self._start(self._waiting.popleft())
             if gen is None:
                 continue
+            tokens = gen.tokens()
+            s, n_match = pick_slot(free, tokens, gen.req.params.cache_prompt)
+            n = self._prefix.reuse(s, tokens, n_match)
             s.gen = gen
-            s.prompt = gen.tokens()
-            s.n_prefilled = s.n_past = 0
+            s.prompt = tokens
+            s.n_prefilled = s.n_past = n
+            if not gen.out_tokens:  # a resumed request reports what its first admission reused
+                gen.n_cached = n
 
     def _start(self, req: EngineRequest) -> Generation | None:
         try:
@@ -339,6 +338,8 @@ class Engine:
         busy = sorted((s for s in self._slots if s.busy), key=admitted)
         for s in busy:
             s.pending_prefill, s.pending_decode = 0, False
+        if self._evict_idle():
+            return  # idle prompt caches go before any running request: the same batch is retried next step
         if len(busy) <= 1:
             if busy:
                 self._finish_error(busy[0], KVCacheFullError(
@@ -350,7 +351,7 @@ class Engine:
         assert gen is not None
         log.warning("KV cache full: pausing request %s after %d tokens (%d active)", gen.req.label, gen.generated,
                     len(busy))
-        self._reset_slot(victim)  # the generation (and its sampler) now waits in _paused
+        self._reset_slot(victim)  # the generation (and its sampler) now waits in _paused; its KV is freed
         self._paused.appendleft(gen)
         self._kv_full = True
         self.preemptions += 1
@@ -361,7 +362,7 @@ class Engine:
         gen = s.gen
         assert gen is not None
         events = gen.final_events(reason)
-        self._release(s)  # the slot is free before the consumer sees Done
+        self._release(s, keep=True)  # the slot is free before the consumer sees Done
         for ev in events:
             self._emit(gen.req, ev)
 
@@ -375,16 +376,31 @@ class Engine:
         self._done_pending()
         self._emit(r, ErrorEvent(err))
 
-    def _release(self, s: Slot) -> None:
-        if s.gen is not None:
-            s.gen.close()
-        self._reset_slot(s)
+    def _release(self, s: Slot, keep: bool = False) -> None:
+        """The slot's generation leaves; ``keep``: its KV stays as a prompt cache (else, after a failed decode, it
+        cannot be trusted and is freed)."""
+        gen = s.gen
+        if gen is not None:
+            gen.close()
+        if keep and gen is not None:
+            PrefixCache.keep(s, gen.req.prompt + gen.out_tokens)
+            s.reset()
+        else:
+            self._reset_slot(s)
         self._done_pending()
-        self._kv_full = False  # its cells are free again
+        self._kv_full = False  # its cells are free (or cached, and evicted first when the KV is full)
 
     def _reset_slot(self, s: Slot) -> None:
         self.ctx.free_seq(s.seq)
+        PrefixCache.forget(s)
         s.reset()
+
+    def _evict_idle(self) -> bool:
+        """Free every idle slot's prompt cache; returns whether any held cells."""
+        idle = [s for s in self._slots if not s.busy and len(s.cache)]
+        for s in idle:
+            self._reset_slot(s)
+        return bool(idle)
 
     def _done_pending(self) -> None:
         with self._lock:

@@ -3,12 +3,13 @@ advanced after ``llama_decode``, and the greedy tokens read from its logits."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .generation import Generation
+from .prefix import EMPTY
 
 if TYPE_CHECKING:
     from .batch import NpBatch
@@ -27,6 +28,8 @@ class Slot:
     i_batch: int = -1
     pending_prefill: int = 0
     pending_decode: bool = False
+    cache: np.ndarray = field(default_factory=lambda: EMPTY)  # the tokens this sequence's KV holds while the slot is idle (prefix.py)
+    last_used: float = 0.0  # when its last generation left (time.monotonic): least recently used goes first
 
     @property
     def busy(self) -> bool:
@@ -37,7 +40,8 @@ class Slot:
         return self.gen is not None and self.prompt is not None and self.n_prefilled >= len(self.prompt)
 
     def reset(self) -> None:
-        """Back to empty, once the generation has left (finished, failed or paused) and its KV is freed."""
+        """Back to idle, once the generation has left (finished, failed or paused); its KV is what ``cache``
+        says (prefix.py keeps or forgets it)."""
         self.gen = self.prompt = None
         self.n_prefilled = self.n_past = self.pending_prefill = 0
         self.pending_decode = False

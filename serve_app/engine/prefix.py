@@ -1,0 +1,106 @@
+"""Prompt caching across requests: a finished sequence's KV stays in its slot, and the next request goes to the
+free slot whose cached tokens share the longest prefix with its prompt, prefilling only the rest.
+
+What a slot caches is the token list its KV holds, position for position (``Slot.cache``). A reuse keeps the
+common prefix and removes the diverging tail with ``llama_memory_seq_rm``; llama.cpp itself says whether that
+is possible:
+
+- the last prompt token is always decoded again (its logits pick the first new token), so at most
+  ``len(prompt) - 1`` tokens are reused;
+- recurrent and hybrid memories cannot drop a tail (``seq_rm`` returns false): full prefill;
+- with a small sliding-window cache (``swa_full`` off) the SWA layers keep only the last window of positions, so a
+  prefix is reusable only while the window in front of its end is still held (``llama_memory_seq_pos_min``, the
+  rule llama-server applies); otherwise: full prefill, never a prefix attended through a hole.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from .llama import LlamaContextHandle
+    from .step import Slot
+
+EMPTY = np.zeros(0, dtype=np.int32)
+
+
+def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    """Length of the longest common prefix of two token arrays (vectorised: prompts run to thousands)."""
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    diff = np.flatnonzero(a[:n] != b[:n])
+    return int(diff[0]) if len(diff) else n
+
+
+# A cached prefix shorter than this share of the prompt is a miss (llama-server's --slot-prompt-similarity): a
+# shared BOS and a word must not evict a long cache that an empty or older slot would have spared.
+MIN_SHARE = 0.1
+
+
+def pick_slot(free: Sequence[Slot], tokens: np.ndarray, use_cache: bool) -> tuple[Slot, int]:
+    """The free slot with the longest cached prefix of ``tokens`` and that prefix's length; ties and misses go to
+    the least recently used slot (its cache is the least likely to be asked for again)."""
+    lru = min(free, key=lambda s: s.last_used)
+    if not use_cache:
+        return lru, 0
+    best, best_n = lru, 0
+    floor = MIN_SHARE * len(tokens)
+    for s in sorted(free, key=lambda s: s.last_used):
+        n = common_prefix(s.cache, tokens)
+        if n > best_n and n >= floor:
+            best, best_n = s, n
+    if best_n == 0:  # a miss: the least recently used slot still keeps whatever little it shares
+        best_n = common_prefix(lru.cache, tokens)
+    return best, best_n
+
+
+@dataclass
+class PrefixCache:
+    """The reuse rules for one context: which prefix of a slot's cache a new sequence may keep."""
+
+    ctx: LlamaContextHandle
+    n_swa: int  # the model's sliding window when the SWA layers hold only a window (swa_full off); else 0
+    reused_tokens: int = 0  # prompt tokens not computed thanks to a cached prefix (all admissions)
+    refused: int = 0  # admissions whose matching prefix llama.cpp could not keep (SWA window, recurrent memory)
+
+    def reuse(self, s: Slot, tokens: np.ndarray, n_match: int) -> int:
+        """Keep the first ``n_match`` cached tokens of ``s`` for a sequence that will hold ``tokens`` (at most all
+        but the last), drop the rest of its KV, and return how many were kept."""
+        n = min(n_match, len(tokens) - 1, len(s.cache))
+        if n > 0 and not self._window_held(s.seq, n):
+            n, self.refused = 0, self.refused + 1
+        if n > 0 and not self.ctx.seq_rm_tail(s.seq, n):
+            n, self.refused = 0, self.refused + 1
+        if n == 0:
+            self.ctx.free_seq(s.seq)
+            s.cache = EMPTY
+        else:
+            s.cache = s.cache[:n]
+        self.reused_tokens += n
+        return n
+
+    def _window_held(self, seq: int, n: int) -> bool:
+        """Whether the SWA layers still hold the positions a token at ``n`` attends to: llama-server's rule (its
+        ``pos_min_thold``), where a cache holding position 0 has dropped nothing."""
+        if self.n_swa <= 0:
+            return True
+        pos_min = self.ctx.seq_pos_min(seq)
+        return pos_min == 0 or 0 <= pos_min < max(0, n - self.n_swa)
+
+    @staticmethod
+    def keep(s: Slot, tokens: list[int]) -> None:
+        """After a sequence ends cleanly: its slot's KV holds the first ``s.n_past`` of ``tokens`` (prompt, then
+        output; the last sampled token was never decoded)."""
+        s.cache = np.asarray(tokens[:s.n_past], dtype=np.int32)
+        s.last_used = time.monotonic()
+
+    @staticmethod
+    def forget(s: Slot) -> None:
+        """The slot's KV was freed (or cannot be trusted): nothing cached."""
+        s.cache = EMPTY
