@@ -70,6 +70,8 @@ class _GenerationRequest(_OpenAIModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
+    # Prompt caching: false makes this request prefill its whole prompt (llama-server's field).
+    cache_prompt: bool = True
     user: str | None = None
 
     @field_validator("stop")
@@ -95,7 +97,8 @@ class _GenerationRequest(_OpenAIModel):
             if getattr(self, k) is not None
         }
         max_tokens = self.max_completion_tokens or self.max_tokens or default_max_tokens
-        return SamplingParams(max_tokens=max_tokens, stop=tuple(stops), ignore_eos=self.ignore_eos, **given)
+        return SamplingParams(max_tokens=max_tokens, stop=tuple(stops), ignore_eos=self.ignore_eos,
+                              cache_prompt=self.cache_prompt, **given)
 
     @property
     def include_usage(self) -> bool:
