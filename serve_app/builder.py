@@ -20,6 +20,7 @@ from serve_app.cache.deployment import MAX_ONGOING as CACHE_MAX_ONGOING
 from serve_app.cache.deployment import ModelCache
 from serve_app.config import AppArgs, ModelEntry
 from serve_app.ingress.deployment import Ingress
+from serve_app.model.affinity import router_config
 from serve_app.model.deployment import LlamaModel
 from serve_app.model.embedding import EmbeddingModel
 from serve_app.settings import Settings
@@ -86,6 +87,7 @@ def llama_model_options(args: AppArgs, use_gpu: bool) -> dict[str, Any]:
         "user_config": args.batching.model_dump(),
         "health_check_period_s": 10,
         "graceful_shutdown_timeout_s": 30,
+        **llama_model_routing(args),
     }
 
 
@@ -111,6 +113,14 @@ def model_deployment(args: AppArgs, entry: ModelEntry, cache: Any, use_gpu: bool
             cache, one.model_dump(mode="json"), use_gpu, entry.pooling, entry.normalize)
     return LlamaModel.options(name=name, **llama_model_options(one, use_gpu)).bind(
         cache, one.model_dump(mode="json"), use_gpu)
+
+
+def llama_model_routing(args: AppArgs) -> dict[str, Any]:
+    """Prefix affinity across LlamaModel replicas (``routing``): a no-op with one replica, so always set."""
+    r = args.routing
+    threshold = r.imbalance_threshold if r.imbalance_threshold is not None else args.engine.n_parallel
+    config = router_config(r.prefix_affinity, threshold, r.prompt_key_chars)
+    return {} if config is None else {"request_router_config": config}
 
 
 def build_app(args: AppArgs) -> serve.Application:

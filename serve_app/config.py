@@ -178,6 +178,29 @@ class ModelEntry(ModelRef):
         return ModelRef(repo_id=self.repo_id, filename=self.filename, revision=self.revision)
 
 
+# Routing across LlamaModel replicas.
+class RoutingConfig(_Strict):
+    """How callers pick a LlamaModel replica when there are several (``serve_app.model.affinity``)."""
+
+    prefix_affinity: bool = Field(
+        default=True,
+        description="Send every turn of a conversation (same system and first user message; for a raw prompt, "
+                    "the same first prompt_key_chars characters) to the same replica, where its prefix is cached. "
+                    "Off: Ray Serve's power-of-two-choices load balancing. No effect with one replica.",
+    )
+    imbalance_threshold: int | None = Field(
+        default=None, ge=0,
+        description="Give up affinity for a request when its replica has this many more requests in flight than "
+                    "the least loaded one (then the least loaded of the others takes it). Default: engine.n_parallel, "
+                    "the point where a newcomer would wait for a slot there but start at once elsewhere.",
+    )
+    prompt_key_chars: int = Field(
+        default=256, ge=1,
+        description="For raw prompts (/v1/completions): how many leading characters name the conversation. "
+                    "Shorter than the shortest turn's prompt, or turns of one conversation part ways.",
+    )
+
+
 class AppArgs(_Strict):
     """The ``args`` of the ``llm`` application."""
 
@@ -193,6 +216,7 @@ class AppArgs(_Strict):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
 
     @field_validator("cache_dir")
     @classmethod

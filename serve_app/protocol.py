@@ -107,6 +107,9 @@ class Text(_Strict):
 class Timings(BaseModel):
     """Per-request timings, in the spirit of llama-server's ``timings``."""
 
+    # Routing across replicas: which LlamaModel replica served the request (Ray Serve's replica id; "" outside
+    # Ray), so a client or test can see a conversation stay on one replica.
+    replica: str = ""
     queue_ms: float = 0.0
     prompt_ms: float = 0.0
     ttft_ms: float = 0.0

@@ -41,6 +41,13 @@ class LlamaModel:
         # Ray runs the constructor on the replica's event loop, so loading starts on that loop.
         self.service = ModelService(AppArgs.model_validate(args), self._cache_call, use_gpu, metrics=ModelMetrics())
         self.service.start()
+        self.replica = serve.get_replica_context().replica_id.unique_id
+
+    def _stamp(self, ev: Any) -> Any:
+        """The final event names this replica (``Timings.replica``): prefix affinity is observable from outside."""
+        if isinstance(ev, Done):
+            ev.timings.replica = self.replica
+        return ev
 
     async def _cache_call(self, method: str, ref: dict[str, Any]) -> CachedFile:
         """The one place LlamaModel talks to ModelCache: ``ensure`` or ``heal`` -> the verified file."""
@@ -77,10 +84,11 @@ class LlamaModel:
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[Event]:
         async for ev in self.service.generate(req):
-            yield ev
+            yield self._stamp(ev)
 
     async def complete(self, req: GenerateRequest) -> Done | ErrorEvent:
-        return await self.service.complete(req)
+        result: Done | ErrorEvent = self._stamp(await self.service.complete(req))
+        return result
 
     async def tokenize(self, call: TokenizeCall) -> Tokens | ErrorEvent:
         return await self.service.tokenize(call)

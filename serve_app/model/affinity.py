@@ -1,0 +1,107 @@
+"""Prefix affinity: which LlamaModel replica a request goes to when there are several.
+
+Each replica keeps the KV of the conversations it served in its slots, so a chat's next turn is cheap only on the
+replica that served the last one. This Ray Serve request router (it runs in the caller, the Ingress) names a
+conversation by what every turn of it starts with: the messages up to and including the first user message (for a
+raw prompt, its first ``prompt_key_chars`` characters; for token ids, a quarter as many tokens). Rendezvous
+hashing of that key over the replicas' ids gives every replica a stable rank for it: the first takes the request,
+the others (least loaded first) only when it is full or has ``imbalance_threshold`` more requests in flight than
+the least loaded replica. Calls that carry no ``GenerateRequest`` (info, tokenize) are spread as Ray's default
+does, over two random replicas.
+
+Why not Ray's ``PrefixCacheAffinityRouter``: its public path (``ray.serve.llm``) imports Ray's LLM stack, which
+needs the ``ray[llm]`` extra (vLLM, pyarrow); it reads our requests wrongly (``messages`` as a tuple of models
+becomes empty text, a division by zero; a raw ``prompt`` is never read because the ``messages`` attribute, None,
+is found first, so it raises, as it does for ``tokenize``/``detokenize`` calls); it keeps a prefix tree in a
+detached actor with two blocking ``ray.get`` calls per request on the caller's event loop, which relays every
+stream; and conversations that share a long system prompt all match the replica that saw it first, so with its
+default threshold they never spread. Rendezvous hashing needs no shared state, costs one hash per replica per
+request, spreads independent conversations evenly, and moves only the conversations of a replica that leaves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
+
+from serve_app.protocol import GenerateRequest
+
+ROUTER_CLASS = f"{__name__}.PrefixAffinityRouter"
+_SEP_FIELD, _SEP_MSG = "\x1f", "\x1e"  # separators that cannot make two different message lists hash alike
+
+
+def conversation_key(req: GenerateRequest, prompt_key_chars: int) -> bytes:
+    """What every turn of ``req``'s conversation starts with (see the module docstring)."""
+    if req.messages is not None:
+        head: list[str] = []
+        for m in req.messages:
+            head.append(f"{m.role}{_SEP_FIELD}{m.content}")
+            if m.role == "user":
+                break
+        return ("m" + _SEP_MSG.join(head)).encode("utf-8", "surrogatepass")
+    if isinstance(req.prompt, str):
+        return ("p" + req.prompt[:prompt_key_chars]).encode("utf-8", "surrogatepass")
+    tokens = req.prompt or ()
+    return b"t" + b",".join(str(t).encode() for t in tokens[: max(1, prompt_key_chars // 4)])
+
+
+def request_key(args: Iterable[Any], prompt_key_chars: int) -> bytes | None:
+    """The conversation key of the first ``GenerateRequest`` among a call's arguments; None when there is none."""
+    for arg in args:
+        if isinstance(arg, GenerateRequest):
+            return conversation_key(arg, prompt_key_chars)
+    return None
+
+
+def rendezvous_order(key: bytes, replica_ids: Sequence[str]) -> list[int]:
+    """Indexes of ``replica_ids`` from the key's first choice to its last (highest random weight first)."""
+    def weight(i: int) -> bytes:
+        return hashlib.blake2b(key, digest_size=8, key=replica_ids[i].encode()[:64]).digest()
+    return sorted(range(len(replica_ids)), key=weight, reverse=True)
+
+
+def overloaded(loads: Sequence[int | None], threshold: int) -> bool:
+    """True when the first replica's known load exceeds the least known load of the others by more than
+    ``threshold``. An unknown load (no fresh figure) never counts as overloaded."""
+    first, others = loads[0], [x for x in loads[1:] if x is not None]
+    return first is not None and bool(others) and first - min(others) > threshold
+
+
+class PrefixAffinityRouter(RequestRouter):
+    """Ray Serve request router: conversation affinity by rendezvous hashing, load balancing past a threshold."""
+
+    def initialize_state(self, imbalance_threshold: int = 8, prompt_key_chars: int = 256, **_: Any) -> None:
+        self.imbalance_threshold = imbalance_threshold
+        self.prompt_key_chars = prompt_key_chars
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        if pending_request is not None:
+            # Every rank tried and full: wait before the next round, as Ray's default router does.
+            pending_request.routing_context.should_backoff = True
+        if len(candidate_replicas) < 2:
+            return [list(candidate_replicas)]
+        key = None
+        if pending_request is not None:
+            key = request_key([*pending_request.args, *pending_request.kwargs.values()], self.prompt_key_chars)
+        if key is None:
+            return [random.sample(candidate_replicas, 2)]
+        order = rendezvous_order(key, [r.replica_id.unique_id for r in candidate_replicas])
+        ranked = [candidate_replicas[i] for i in order]
+        loads = [self.replica_queue_len_cache.get(r.replica_id) for r in ranked]
+        if overloaded(loads, self.imbalance_threshold):
+            return [ranked[1:], ranked[:1]]
+        return [ranked[:1], ranked[1:]]
+
+
+def router_config(prefix_affinity: bool, imbalance_threshold: int, prompt_key_chars: int) -> dict[str, Any] | None:
+    """LlamaModel's ``request_router_config`` deployment option; None keeps Ray's default router."""
+    if not prefix_affinity:
+        return None
+    return {"request_router_class": ROUTER_CLASS,
+            "request_router_kwargs": {"imbalance_threshold": imbalance_threshold,
+                                      "prompt_key_chars": prompt_key_chars}}

@@ -1,0 +1,140 @@
+"""Invariant: the replica-affinity key is the same for every turn of a conversation and differs between
+conversations; rendezvous order is stable and moves only a leaving replica's keys; a replica loses affinity only
+when it is more than the threshold busier than the least loaded one; the builder turns affinity on by default
+with ``engine.n_parallel`` as the threshold, and off leaves Ray's default router."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from serve_app.builder import llama_model_options
+from serve_app.config import AppArgs
+from serve_app.model.affinity import (
+    ROUTER_CLASS,
+    conversation_key,
+    overloaded,
+    rendezvous_order,
+    request_key,
+)
+from serve_app.protocol import GenerateRequest, Message, TokenizeCall
+
+SYSTEM = Message(role="system", content="You are terse. " * 50)
+
+
+def chat(*turns: str) -> GenerateRequest:
+    msgs = [SYSTEM]
+    for i, text in enumerate(turns):
+        msgs.append(Message(role="user" if i % 2 == 0 else "assistant", content=text))
+    return GenerateRequest(label="r", messages=tuple(msgs))
+
+
+def test_every_turn_of_a_conversation_has_one_key_and_conversations_differ() -> None:
+    first = conversation_key(chat("hello"), 256)
+    assert conversation_key(chat("hello", "hi!", "how are you?"), 256) == first
+    assert conversation_key(chat("hello", "hi!", "and now?", "fine", "bye"), 256) == first
+    assert conversation_key(chat("goodbye"), 256) != first
+    # The role is part of the key: the same text as another role is another conversation.
+    other = GenerateRequest(label="r", messages=(SYSTEM, Message(role="assistant", content="hello")))
+    assert conversation_key(other, 256) != first
+
+
+def test_raw_prompts_key_on_their_first_characters() -> None:
+    a = GenerateRequest(label="r", prompt="x" * 300 + "turn one")
+    b = GenerateRequest(label="r", prompt="x" * 300 + "turn one, answer, turn two")
+    assert conversation_key(a, 256) == conversation_key(b, 256)
+    assert conversation_key(a, 400) != conversation_key(b, 400)
+    toks = GenerateRequest(label="r", prompt=tuple(range(100)))
+    assert conversation_key(toks, 256) == conversation_key(GenerateRequest(label="r", prompt=tuple(range(64))), 256)
+
+
+def test_calls_without_a_generate_request_have_no_key() -> None:
+    assert request_key([TokenizeCall(text="hi")], 256) is None
+    assert request_key([], 256) is None
+    assert request_key(["x", chat("hi")], 256) == conversation_key(chat("hi"), 256)
+
+
+def test_rendezvous_order_is_stable_spreads_and_moves_only_a_leaving_replicas_keys() -> None:
+    ids = ["a1", "b2", "c3"]
+    keys = [conversation_key(chat(f"user {i}"), 256) for i in range(300)]
+    firsts = [ids[rendezvous_order(k, ids)[0]] for k in keys]
+    assert firsts == [ids[rendezvous_order(k, list(ids))[0]] for k in keys]
+    assert min(Counter(firsts).values()) > 60  # about 100 each
+    survivors = ["a1", "c3"]
+    for k, first in zip(keys, firsts, strict=True):
+        now = survivors[rendezvous_order(k, survivors)[0]]
+        if first != "b2":
+            assert now == first
+
+
+def test_affinity_yields_only_past_the_threshold() -> None:
+    assert not overloaded([5, 1], 4)
+    assert overloaded([6, 1], 4)
+    assert overloaded([9, 3, 1], 4)
+    assert not overloaded([None, 0], 0)   # unknown load: keep affinity
+    assert not overloaded([9, None], 0)   # nothing known to compare with
+    assert not overloaded([3], 0)
+
+
+def test_builder_sets_the_router_by_default_and_off_keeps_rays() -> None:
+    base = {"model": {"repo_id": "a/b", "filename": "m.gguf"}, "engine": {"n_parallel": 6}}
+    opts = llama_model_options(AppArgs.model_validate(base), use_gpu=False)
+    cfg = opts["request_router_config"]
+    assert cfg["request_router_class"] == ROUTER_CLASS
+    assert cfg["request_router_kwargs"] == {"imbalance_threshold": 6, "prompt_key_chars": 256}
+    tuned = AppArgs.model_validate({**base, "routing": {"imbalance_threshold": 2, "prompt_key_chars": 64}})
+    kwargs = llama_model_options(tuned, use_gpu=False)["request_router_config"]["request_router_kwargs"]
+    assert kwargs == {"imbalance_threshold": 2, "prompt_key_chars": 64}
+    off = AppArgs.model_validate({**base, "routing": {"prefix_affinity": False}})
+    assert "request_router_config" not in llama_model_options(off, use_gpu=False)
+
+
+def test_ray_accepts_the_router_config() -> None:
+    from ray.serve.config import RequestRouterConfig
+
+    from serve_app.model.affinity import PrefixAffinityRouter, router_config
+
+    cfg = RequestRouterConfig(**router_config(True, 4, 256))  # imports the class by its path, as Serve does
+    assert cfg.get_request_router_class() is not None
+    assert cfg.request_router_class == ROUTER_CLASS and PrefixAffinityRouter.__name__ in ROUTER_CLASS
+
+
+class FakeReplica:
+    """What ``choose_replicas`` reads of a replica: its id (and Serve's queue-length cache, keyed by it)."""
+
+    def __init__(self, unique_id: str) -> None:
+        from ray.serve._private.common import DeploymentID
+        from ray.serve.request_router import ReplicaID
+
+        self.replica_id = ReplicaID(unique_id, DeploymentID(name="LlamaModel", app_name="llm"))
+        self.max_ongoing_requests = 100
+
+
+def test_router_ranks_the_conversations_replica_first_and_yields_past_the_threshold() -> None:
+    import asyncio
+    from types import SimpleNamespace
+
+    from ray.serve._private.common import DeploymentHandleSource, DeploymentID
+
+    from serve_app.model.affinity import PrefixAffinityRouter
+
+    async def scenario() -> None:
+        router = PrefixAffinityRouter(DeploymentID(name="LlamaModel", app_name="llm"), DeploymentHandleSource.UNKNOWN)
+        router.initialize_state(imbalance_threshold=2, prompt_key_chars=256)
+        reps = [FakeReplica(x) for x in ("aa", "bb", "cc")]
+        req = SimpleNamespace(args=[chat("hello")], kwargs={},
+                              routing_context=SimpleNamespace(should_backoff=False))
+        ranks = await router.choose_replicas(reps, req)
+        assert req.routing_context.should_backoff  # all full: back off, as Ray's default router does
+        home = ranks[0][0]
+        assert len(ranks[0]) == 1 and set(ranks[1]) == set(reps) - {home}
+        later = SimpleNamespace(args=[chat("hello", "hi", "more")], kwargs={}, routing_context=req.routing_context)
+        assert (await router.choose_replicas(reps, later))[0] == [home]
+        for r in reps:
+            router.replica_queue_len_cache.update(r.replica_id, 4 if r is home else 2)
+        assert (await router.choose_replicas(reps, req))[0] == [home]  # 2 more in flight: within the threshold
+        router.replica_queue_len_cache.update(home.replica_id, 5)
+        ranks = await router.choose_replicas(reps, req)  # 3 more: the others first, least loaded chosen by Serve
+        assert set(ranks[0]) == set(reps) - {home} and ranks[1] == [home]
+        info = SimpleNamespace(args=[], kwargs={}, routing_context=req.routing_context)
+        assert len((await router.choose_replicas(reps, info))[0]) == 2  # no conversation: two at random
+    asyncio.run(scenario())
