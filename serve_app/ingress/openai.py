@@ -20,7 +20,6 @@ from serve_app.protocol import (
     DetokenizeCall,
     Done,
     ErrorEvent,
-    Event,
     GenerateRequest,
     Message,
     ModelInfo,
@@ -38,6 +37,7 @@ from serve_app.schemas import (
     now,
 )
 
+from .failover import call_with_failover, open_stream
 from .sse import ChunkMaker, EventStream
 
 log = logging.getLogger("ray.serve")
@@ -133,17 +133,16 @@ class OpenAIService:
                                      param="model")
 
     async def _run(self, req: GenerateRequest, *, chat: bool, include_usage: bool) -> Reply:
+        # Not started yet: a replica lost now costs a resend to another one, not the request (failover).
         if not req.stream:
-            done: Done = raise_if_error(await _call(self.model.complete.remote(req)))
+            done: Done = raise_if_error(await _call(call_with_failover(lambda: self.model.complete.remote(req),
+                                                                       req.label)))
             return self._full_response(req.label, done, chat)
-        gen = self.model.options(stream=True).generate.remote(req)
         try:
-            first: Event = await _call(gen.__anext__())
+            gen, first = await _call(open_stream(lambda: self.model.options(stream=True).generate.remote(req),
+                                                 req.label))
         except StopAsyncIteration:
             raise NotReadyError("the model closed the stream before it started") from None
-        except BaseException:  # cancelled (the client left) or failed before the first event: free the slot
-            gen.cancel()
-            raise
         if isinstance(first, ErrorEvent):
             gen.cancel()
             raise first.error
