@@ -33,6 +33,8 @@ ROUTES: tuple[Route, ...] = (
     Route("/v1/health", "GET", "health", open=True),
     Route("/ready", "GET", "ready", open=True),
     Route("/stats", "GET", "stats"),
+    # The Ray node's Prometheus export, relayed (ingress/node_metrics.py); behind the API key like /stats.
+    Route("/metrics", "GET", "metrics"),
 )
 
 BY_PATH: dict[str, Route] = {r.path: r for r in ROUTES}
