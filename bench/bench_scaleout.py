@@ -2,7 +2,7 @@
 """Aggregate completion tokens/s of 1 vs 2 LlamaModel replicas (one llama.cpp thread each) on the same machine,
 side by side: two applications of the full graph (HTTP -> Ingress -> LlamaModel) are deployed at once, ``one``
 with one replica and ``two`` with two, identical otherwise, and measured interleaved under the same offered load
-(``--concurrency`` streaming clients, ``--tokens`` each), the order rotated each repetition, best of ``--reps``.
+(waves of ``--concurrency`` requests, ``--tokens`` each), the order rotated each repetition, best of ``--reps``.
 Target: two / one >= 1.8 on a machine with at least two free cores. Prints one JSON object.
 
     python bench/bench_scaleout.py                        # ~150M F16 model written on the fly (BENCH_SPEC)
@@ -45,20 +45,15 @@ async def one_request(client: Any, prefix: str, i: int, tokens: int) -> int:
 
 
 async def throughput(base: str, prefix: str, concurrency: int, requests: int, tokens: int) -> float:
-    """Completion tokens/s over ``requests`` requests kept ``concurrency`` at a time."""
+    """Completion tokens/s over ``requests`` requests sent in waves of ``concurrency`` at once."""
     import httpx
 
-    counter = iter(range(requests))
     total = 0
-
-    async def client_loop(client: httpx.AsyncClient) -> None:
-        nonlocal total
-        for i in counter:
-            total += await one_request(client, prefix, i, tokens)
-
     async with httpx.AsyncClient(base_url=base, timeout=600) as client:
         t0 = time.perf_counter()
-        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
+        for start in range(0, requests, concurrency):
+            n = min(concurrency, requests - start)
+            total += sum(await asyncio.gather(*(one_request(client, prefix, start + i, tokens) for i in range(n))))
         return total / (time.perf_counter() - t0)
 
 
