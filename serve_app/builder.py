@@ -23,6 +23,7 @@ from serve_app.ingress.deployment import Ingress
 from serve_app.model.affinity import router_config
 from serve_app.model.deployment import LlamaModel
 from serve_app.model.embedding import EmbeddingModel
+from serve_app.scaling import replica_options
 from serve_app.settings import Settings
 
 log = logging.getLogger("ray.serve")
@@ -82,8 +83,7 @@ def llama_model_options(args: AppArgs, use_gpu: bool) -> dict[str, Any]:
     overrides exactly these."""
     return {
         "ray_actor_options": token_path_actor_options(args, 1, 1 if use_gpu else 0),
-        # Above slots + queue, so the engine (not Ray) decides when to answer 429.
-        "max_ongoing_requests": args.engine.n_parallel + args.engine.max_queued_requests + 8,
+        **replica_options(args),  # num_replicas or autoscaling_config; max_ongoing_requests above slots + queue
         "user_config": args.batching.model_dump(),
         "health_check_period_s": 10,
         "graceful_shutdown_timeout_s": 30,

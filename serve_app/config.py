@@ -201,6 +201,46 @@ class RoutingConfig(_Strict):
     )
 
 
+# ---- replicas and autoscaling of LlamaModel ----------------------------------------------------------------------
+
+
+class AutoscalingArgs(_Strict):
+    """Ray Serve autoscaling for LlamaModel, on ongoing requests per replica (running + queued at it)."""
+
+    min_replicas: int = Field(default=1, ge=0, description="0 = scale to zero when idle (the next request waits "
+                                                            "for a cold start).")
+    max_replicas: int = Field(default=1, ge=1)
+    initial_replicas: int | None = Field(default=None, ge=0)
+    target_ongoing_requests: float | None = Field(
+        default=None, gt=0, description="Default: engine.n_parallel, so a replica scales out when requests start "
+                                        "to queue behind its slots.")
+    upscale_delay_s: float = Field(default=10.0, ge=0)
+    downscale_delay_s: float = Field(default=300.0, ge=0, description="Long: a model load is expensive.")
+    downscale_to_zero_delay_s: float | None = Field(default=None, ge=0,
+                                                    description="The last replica's delay (min_replicas 0).")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingArgs:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("replicas.autoscaling: min_replicas must be <= max_replicas")
+        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise ValueError("replicas.autoscaling: initial_replicas must lie in [min_replicas, max_replicas]")
+        return self
+
+
+class ReplicaArgs(_Strict):
+    """How many LlamaModel replicas: a fixed ``num_replicas`` or an ``autoscaling`` range, not both."""
+
+    num_replicas: int = Field(default=1, ge=1, description="Fixed replica count.")
+    autoscaling: AutoscalingArgs | None = None
+
+    @model_validator(mode="after")
+    def _one_way(self) -> ReplicaArgs:
+        if self.autoscaling is not None and self.num_replicas != 1:
+            raise ValueError("replicas: give num_replicas or autoscaling, not both")
+        return self
+
+
 class AppArgs(_Strict):
     """The ``args`` of the ``llm`` application."""
 
@@ -217,6 +257,7 @@ class AppArgs(_Strict):
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    replicas: ReplicaArgs = Field(default_factory=ReplicaArgs)
 
     @field_validator("cache_dir")
     @classmethod

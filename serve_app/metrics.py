@@ -13,6 +13,7 @@ from ray.serve.metrics import Counter, Gauge, Histogram
 from serve_app.protocol import Done
 
 _MS_BUCKETS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000]
+_ITL_MS_BUCKETS = [1, 2.5, 5, 10, 15, 20, 30, 40, 50, 75, 100, 150, 250, 500, 1000, 2500]
 _TOKS_BUCKETS = [1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000]
 
 
@@ -54,6 +55,10 @@ class ModelMetrics:
         self.kv_ratio = Gauge("gguf_kv_cache_usage_ratio", description="KV cells used / total.")
         self.gpu_used = Gauge("gguf_gpu_memory_used_bytes", description="GPU 0 memory in use (NVIDIA only).")
         self.gpu_total = Gauge("gguf_gpu_memory_total_bytes", description="GPU 0 memory size (NVIDIA only).")
+        # Inter-token latency (vLLM's time_per_output_token): a request's decode time over its gaps between
+        # tokens, observed once per request that produced two tokens or more.
+        self.itl = Histogram("gguf_time_per_output_token_ms", description="Mean time between generated tokens, "
+                             "per request.", boundaries=_ITL_MS_BUCKETS)
         self.phase = Gauge("gguf_cold_start_phase_seconds", description="Cold-start phases of this replica.",
                            tag_keys=("phase",))
 
@@ -63,6 +68,8 @@ class ModelMetrics:
         self.e2e.observe(t.ttft_ms + t.decode_ms)
         if t.decode_tokens_per_s > 0:
             self.decode_rate.observe(t.decode_tokens_per_s)
+        if u.completion_tokens > 1:
+            self.itl.observe(t.decode_ms / (u.completion_tokens - 1))
         self.prompt_tokens.inc(u.prompt_tokens)
         if u.prompt_tokens > u.cached_tokens:
             self.prompt_computed.inc(u.prompt_tokens - u.cached_tokens)

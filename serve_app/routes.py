@@ -36,6 +36,8 @@ ROUTES: tuple[Route, ...] = (
     Route("/ready", "GET", "ready", open=True),
     Route("/ping", "GET", "ping", open=True),  # RunPod load-balancing endpoints' probe (ingress/ping.py)
     Route("/stats", "GET", "stats"),
+    # The Ray node's Prometheus export, relayed (ingress/node_metrics.py); behind the API key like /stats.
+    Route("/metrics", "GET", "metrics"),
 )
 
 BY_PATH: dict[str, Route] = {r.path: r for r in ROUTES}

@@ -22,6 +22,7 @@ from serve_app.routes import ROUTES, Route, response_id
 
 from .body import parse_json, read_body
 from .guard import GuardMiddleware, id_to_echo, request_id
+from .node_metrics import PROMETHEUS_TEXT, scrape_node_metrics
 from .openai import OpenAIService, Reply
 from .ping import ping_status
 from .replies import SSEResponse, error_response, internal_error, ready_response
@@ -40,6 +41,7 @@ class Ctx:
     service: OpenAIService
     max_body_bytes: int
     is_shutting_down: Callable[[], bool]
+    scrape_metrics: Callable[[], Awaitable[bytes]] = scrape_node_metrics
 
     async def json(self, request: Request) -> Any:
         raw = await read_body(request.stream(), self.max_body_bytes)
@@ -108,9 +110,13 @@ async def ping(ctx: Ctx, request: Request, route: Route, rid: str) -> Response:
     return Response(status_code=204) if status == 204 else JSONResponse(body, status_code=status)
 
 
+async def metrics(ctx: Ctx, request: Request, route: Route, rid: str) -> Response:
+    return Response(await ctx.scrape_metrics(), media_type=PROMETHEUS_TEXT)
+
+
 HANDLERS: dict[str, Handler] = {
     "chat": generate, "completions": generate, "embeddings": generate, "tokenize": convert, "detokenize": convert,
-    "models": models, "stats": stats, "health": health, "ready": ready, "ping": ping,
+    "models": models, "stats": stats, "health": health, "ready": ready, "ping": ping, "metrics": metrics,
 }
 
 
@@ -148,8 +154,9 @@ async def no_route(request: Request, exc: Exception) -> Response:
 
 def build_asgi_app(service: OpenAIService, *, api_keys: list[str], max_body_bytes: int,
                    is_shutting_down: Callable[[], bool] = lambda: False,
-                   observe: Observer | None = None) -> ASGIApp:
-    ctx = Ctx(service, max_body_bytes, is_shutting_down)
+                   observe: Observer | None = None,
+                   scrape_metrics: Callable[[], Awaitable[bytes]] = scrape_node_metrics) -> ASGIApp:
+    ctx = Ctx(service, max_body_bytes, is_shutting_down, scrape_metrics)
     routes = [StarletteRoute(r.path, endpoint(ctx, r, observe), methods=[r.method]) for r in ROUTES]
     app = Starlette(routes=routes, exception_handlers={404: no_route, 405: no_route})
     return GuardMiddleware(app, api_keys, max_body_bytes, is_shutting_down)

@@ -22,7 +22,6 @@ from serve_app.protocol import (
     EmbedCall,
     Embeddings,
     ErrorEvent,
-    Event,
     GenerateRequest,
     Message,
     ModelInfo,
@@ -44,6 +43,7 @@ from serve_app.schemas import (
 )
 
 from .embeddings import embedding_response, merge_infos
+from .failover import call_with_failover, open_stream
 from .models import ModelTable, Served
 from .sse import ChunkMaker, EventStream
 
@@ -154,7 +154,9 @@ class OpenAIService:
     async def embeddings(self, body: Any, request_id: str | None = None) -> dict[str, Any]:
         req: EmbeddingRequest = parse(EmbeddingRequest, body)
         target = self.table.pick(req.model, "embedding")
-        out: Embeddings = raise_if_error(await _call(target.handle.embed.remote(EmbedCall(inputs=req.inputs()))))
+        call = EmbedCall(inputs=req.inputs())
+        out: Embeddings = raise_if_error(await _call(call_with_failover(lambda: target.handle.embed.remote(call),
+                                                                        request_id or "embeddings")))
         return embedding_response(target.name, out, req.encoding_format, req.dimensions)
 
     async def tokenize(self, body: Any) -> dict[str, Any]:
@@ -193,17 +195,16 @@ class OpenAIService:
 
     async def _run(self, req: GenerateRequest, *, chat: bool, include_usage: bool, target: Served) -> Reply:
         model = target.handle
+        # Not started yet: a replica lost now costs a resend to another one, not the request (failover).
         if not req.stream:
-            done: Done = raise_if_error(await _call(model.complete.remote(req)))
+            done: Done = raise_if_error(await _call(call_with_failover(lambda: model.complete.remote(req),
+                                                                       req.label)))
             return self._full_response(req.label, done, chat, target.name)
-        gen = model.options(stream=True).generate.remote(req)
         try:
-            first: Event = await _call(gen.__anext__())
+            gen, first = await _call(open_stream(lambda: model.options(stream=True).generate.remote(req),
+                                                 req.label))
         except StopAsyncIteration:
             raise NotReadyError("the model closed the stream before it started") from None
-        except BaseException:  # cancelled (the client left) or failed before the first event: free the slot
-            gen.cancel()
-            raise
         if isinstance(first, ErrorEvent):
             gen.cancel()
             raise first.error

@@ -1,4 +1,5 @@
-"""After a few requests, Ray's Prometheus endpoint serves our documented metric names with non-zero values."""
+"""After a few requests, Ray's Prometheus endpoint serves our documented metric names with non-zero values, and
+the ingress serves the same text at GET /metrics (where clients send requests)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ EXPECTED_NONZERO = [
     "ray_gguf_request_latency_ms_count",
     "ray_gguf_time_to_first_token_ms_count",
     "ray_gguf_generation_latency_ms_count",
+    "ray_gguf_time_per_output_token_ms_count",
     "ray_gguf_prompt_tokens_total",
     "ray_gguf_generated_tokens_total",
     "ray_gguf_generations_total",
@@ -57,3 +59,9 @@ def test_documented_metrics_are_exported(llm_app: str) -> None:
             break
         time.sleep(1)
     assert not missing, (missing, [ln for ln in last_text.splitlines() if "cold" in ln])
+
+
+def test_ingress_serves_the_node_metrics(llm_app: str) -> None:
+    r = httpx.get(f"{llm_app}/metrics", timeout=30)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    assert "ray_gguf_requests_total" in r.text and "ray_serve_" in r.text

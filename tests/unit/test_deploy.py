@@ -46,7 +46,13 @@ def test_rayservice_embeds_a_valid_serve_config() -> None:
     schema = check_serve_config(yaml.safe_load(svc["spec"]["serveConfigV2"]))
     llama = next(d for d in schema.applications[0].deployments if d.name == "LlamaModel")
     assert llama.ray_actor_options.num_gpus == 1
-    assert llama.autoscaling_config["max_replicas"] >= 2
+    # Replica counts come from the app args, so target_ongoing_requests follows the slots; nothing overrides them.
+    args = AppArgs.model_validate(schema.applications[0].args)
+    assert args.replicas.autoscaling is not None and args.replicas.autoscaling.max_replicas >= 2
+    assert "autoscaling_config" not in llama.model_fields_set and "num_replicas" not in llama.model_fields_set
+    cluster = svc["spec"]["rayClusterConfig"]
+    assert cluster["enableInTreeAutoscaling"] is True and cluster["headGroupSpec"]["rayStartParams"]["num-gpus"] == "0"
+    assert all(w["maxReplicas"] >= args.replicas.autoscaling.max_replicas for w in cluster["workerGroupSpecs"])
     workers = svc["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     assert all(w["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1 for w in workers)
 

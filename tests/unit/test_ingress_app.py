@@ -72,8 +72,13 @@ def svc() -> FakeService:
     return FakeService()
 
 
+async def fake_scrape() -> bytes:
+    return b"ray_gguf_requests_total 1.0\n"
+
+
 def test_every_table_route_is_served(svc: FakeService) -> None:
-    app = build_asgi_app(svc, api_keys=[], max_body_bytes=1 << 20)  # type: ignore[arg-type]
+    app = build_asgi_app(svc, api_keys=[], max_body_bytes=1 << 20,  # type: ignore[arg-type]
+                         scrape_metrics=fake_scrape)
     for r in ROUTES:
         resp = call(app, r.method, r.path, json={"x": 1} if r.method == "POST" else None)
         assert resp.status_code == 200, (r.path, resp.text)
