@@ -27,6 +27,20 @@ INT32_MAX = 2**31 - 1  # llama.cpp takes top_k and the like as C ints: a larger 
 MAX_STOP_CHARS = 1024  # a stop string's matcher is built on the engine thread, in time linear in its length
 
 
+# ---- grammar: what constrains sampling ---------------------------------------------------------------------
+
+
+class GrammarSpec(_Strict):
+    """What constrains sampling; compiled to GBNF (and cached) by serve_app/engine/grammar.py."""
+    gbnf: str | None = None            # a GBNF grammar whose start rule is "root"
+    json_schema: dict[str, Any] | None = None  # or a JSON schema ({} = any JSON value; {"type": "object"} = any object)
+    prefix: str = ""                   # literal text the output starts with, before the JSON (e.g. "<tool_call>\n")
+    suffix: str = ""                   # literal text after it
+    repeat: bool = False               # one or more prefix-JSON-suffix blocks, whitespace between (parallel calls)
+    triggers: tuple[str, ...] = ()     # lazy: free text until one of these appears, then the grammar applies
+                                       # from that text on (so prefix starts with the trigger text)
+
+
 class SamplingParams(_Strict):
     """Per-request generation settings, as the engine understands them."""
 
@@ -42,6 +56,8 @@ class SamplingParams(_Strict):
     seed: int | None = None
     stop: tuple[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)], ...] = ()
     ignore_eos: bool = False
+    # grammar: the sampling constraint (response_format, tools), compiled by the engine
+    grammar: GrammarSpec | None = None
 
     @property
     def greedy(self) -> bool:
@@ -52,11 +68,47 @@ class SamplingParams(_Strict):
         return self.repeat_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
+# ---- tools and reasoning: function tools, calls in the history, how thinking is reported -------------------
+
+
+class ToolFunction(_Strict):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+
+
+class Tool(_Strict):
+    type: Literal["function"] = "function"
+    function: ToolFunction
+
+
+class FunctionCall(_Strict):
+    name: str
+    arguments: str  # a JSON object, as text (OpenAI's shape)
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class NamedToolChoice(_Strict):
+    name: str  # the one function the model must call
+
+
+ToolChoice = Literal["auto", "none", "required"] | NamedToolChoice
+ReasoningFormat = Literal["none", "deepseek", "auto"]
+
+
 class Message(_Strict):
     """One chat message as the template sees it (content already flattened to text)."""
 
     role: str
-    content: str
+    content: str | None
+    tool_calls: tuple[ToolCall, ...] | None = None  # assistant turns that called tools
+    tool_call_id: str | None = None  # tool turns: the call answered
+    name: str | None = None
 
 
 class GenerateRequest(_Strict):
@@ -67,6 +119,11 @@ class GenerateRequest(_Strict):
     prompt: str | tuple[int, ...] | None = None
     params: SamplingParams = Field(default_factory=SamplingParams)
     stream: bool = True
+    # tools and reasoning (chat only): offered functions, the choice, and how thinking is reported
+    tools: tuple[Tool, ...] = ()
+    tool_choice: ToolChoice = "auto"
+    parallel_tool_calls: bool = True
+    reasoning_format: ReasoningFormat | None = None  # None: the server's default
 
     @model_validator(mode="after")
     def _one_input(self) -> GenerateRequest:
@@ -120,15 +177,28 @@ class Usage(BaseModel):
     total_tokens: int
 
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 # Events are plain dataclasses, not pydantic models: the engine makes one per token per sequence on its hot path.
+
+
+@dataclass(slots=True)
+class ToolCallDelta:
+    """A streamed piece of a tool call: the first for an index carries ``id`` and ``name``; later ones arguments."""
+
+    index: int
+    arguments: str
+    id: str | None = None
+    name: str | None = None
 
 
 @dataclass(slots=True)
 class Delta:
     text: str
     n_tokens: int
+    # tools and reasoning: the thinking text, and tool-call pieces, parsed out of the model's text
+    reasoning: str = ""
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 @dataclass(slots=True)
@@ -137,6 +207,9 @@ class Done:
     usage: Usage
     timings: Timings
     text: str | None = None  # the whole text, on non-streamed results only
+    # tools and reasoning, on non-streamed results only: the parsed calls and the thinking text
+    tool_calls: list[ToolCall] | None = None
+    reasoning: str | None = None
 
 
 @dataclass(slots=True)

@@ -30,12 +30,65 @@ class TextPart(BaseModel):
     text: str
 
 
+# ---- tools and reasoning: function tools, calls in the history -------------------------------------------------
+
+_TOOL_NAME = r"^[A-Za-z0-9_.-]{1,64}$"
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(pattern=_TOOL_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _object_schema(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        # The arguments are always a JSON object: a schema for anything else cannot describe them.
+        if v is not None and v.get("type", "object") != "object":
+            raise ValueError("a function's parameters must be a JSON schema of type 'object'")
+        return v
+
+
+class ToolDef(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class CalledFunction(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    arguments: str
+
+
+class ToolCallIn(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+
+class NamedToolChoiceIn(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None  # assistant turns that called tools
+    tool_call_id: str | None = None  # tool turns: the call answered
 
     def text(self) -> str:
         if self.content is None:
@@ -104,6 +157,23 @@ class _GenerationRequest(_OpenAIModel):
 
 class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
+    # tools and reasoning
+    tools: list[ToolDef] | None = Field(default=None, max_length=128)
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoiceIn | None = None
+    parallel_tool_calls: bool = True
+    reasoning_format: Literal["none", "deepseek", "auto"] | None = None
+
+    @model_validator(mode="after")
+    def _tool_choice(self) -> ChatCompletionRequest:
+        names = [t.function.name for t in self.tools or ()]
+        if len(set(names)) != len(names):
+            raise ValueError("tools: function names must be unique")
+        choice = self.tool_choice
+        if choice == "required" and not names:
+            raise ValueError("tool_choice: 'required' needs at least one tool in 'tools'")
+        if isinstance(choice, NamedToolChoiceIn) and choice.function.name not in names:
+            raise ValueError(f"tool_choice: function '{choice.function.name}' is not in 'tools'")
+        return self
 
 
 class CompletionRequest(_GenerationRequest):

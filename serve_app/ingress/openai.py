@@ -22,7 +22,6 @@ from serve_app.protocol import (
     ErrorEvent,
     Event,
     GenerateRequest,
-    Message,
     ModelInfo,
     TokenizeCall,
     raise_if_error,
@@ -39,6 +38,7 @@ from serve_app.schemas import (
 )
 
 from .sse import ChunkMaker, EventStream
+from .tools import chat_message, chat_messages, tool_fields
 
 log = logging.getLogger("ray.serve")
 
@@ -98,7 +98,7 @@ class OpenAIService:
     async def tokenize(self, body: Any) -> dict[str, Any]:
         req: TokenizeRequest = parse(TokenizeRequest, body)
         if req.messages is not None:
-            call = TokenizeCall(messages=_messages(req.messages), add_special=req.add_special)
+            call = TokenizeCall(messages=chat_messages(req.messages), add_special=req.add_special)
         else:
             call = TokenizeCall(text=req.content if req.content is not None else req.prompt,
                                 add_special=req.add_special)
@@ -114,8 +114,9 @@ class OpenAIService:
     async def chat(self, body: Any, request_id: str | None = None) -> Reply:
         req: ChatCompletionRequest = parse(ChatCompletionRequest, body)
         self._check_model(req.model)
-        gen = GenerateRequest(label=request_id or response_id(CHAT), messages=_messages(req.messages),
-                              params=req.to_sampling_params(self.default_max_tokens), stream=req.stream)
+        gen = GenerateRequest(label=request_id or response_id(CHAT), messages=chat_messages(req.messages),
+                              params=req.to_sampling_params(self.default_max_tokens), stream=req.stream,
+                              **tool_fields(req))
         return await self._run(gen, chat=True, include_usage=req.include_usage)
 
     async def completions(self, body: Any, request_id: str | None = None) -> Reply:
@@ -152,7 +153,7 @@ class OpenAIService:
     def _full_response(self, rid: str, done: Done, chat: bool) -> dict[str, Any]:
         text = done.text or ""
         if chat:
-            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
+            choice: dict[str, Any] = {"index": 0, "message": chat_message(done),
                                       "logprobs": None, "finish_reason": done.finish_reason}
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": done.finish_reason}
@@ -160,6 +161,3 @@ class OpenAIService:
                 "model": self.model_id, "choices": [choice], "usage": done.usage.model_dump(),
                 "timings": done.timings.model_dump()}
 
-
-def _messages(messages: list[Any]) -> tuple[Message, ...]:
-    return tuple(Message(role=m.role, content=m.text()) for m in messages)

@@ -16,6 +16,7 @@ from serve_app.protocol import Delta, Done, ErrorEvent, Event
 from serve_app.ray_errors import ray_failure
 
 from .replies import DONE, internal_error, sse, sse_error
+from .tools import call_deltas
 
 log = logging.getLogger("ray.serve")
 
@@ -35,6 +36,18 @@ class ChunkMaker:
         else:
             c = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
         return {**self.head, "choices": [c], **extra}
+
+    def delta(self, ev: Delta) -> dict[str, Any]:
+        """A chunk of text, or, in a chat, of content, reasoning and tool calls."""
+        if not self.chat or (not ev.reasoning and not ev.tool_calls):
+            return self.choice(ev.text, None)
+        chunk = self.choice(ev.text or None, None)
+        delta = chunk["choices"][0]["delta"]
+        if ev.reasoning:
+            delta["reasoning_content"] = ev.reasoning
+        if ev.tool_calls:
+            delta["tool_calls"] = call_deltas(ev.tool_calls)
+        return chunk
 
     def role(self) -> dict[str, Any]:
         return {**self.head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
@@ -58,8 +71,8 @@ class EventStream:
         ev: Event | None = self.first
         while ev is not None:
             if isinstance(ev, Delta):
-                if ev.text:
-                    yield sse(self.chunks.choice(ev.text, None))
+                if ev.text or ev.reasoning or ev.tool_calls:
+                    yield sse(self.chunks.delta(ev))
             elif isinstance(ev, Done):
                 yield sse(self.chunks.choice(None, ev.finish_reason, timings=ev.timings.model_dump()))
                 if self.include_usage:
