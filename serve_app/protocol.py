@@ -124,6 +124,7 @@ class GenerateRequest(_Strict):
     tool_choice: ToolChoice = "auto"
     parallel_tool_calls: bool = True
     reasoning_format: ReasoningFormat | None = None  # None: the server's default
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)  # extra template variables
 
     @model_validator(mode="after")
     def _one_input(self) -> GenerateRequest:

@@ -33,6 +33,9 @@ class TextPart(BaseModel):
 # ---- tools and reasoning: function tools, calls in the history -------------------------------------------------
 
 _TOOL_NAME = r"^[A-Za-z0-9_.-]{1,64}$"
+# What the server itself gives a chat template: chat_template_kwargs may not replace these.
+TEMPLATE_VARIABLES = frozenset({"messages", "tools", "add_generation_prompt", "bos_token", "eos_token",
+                                "raise_exception", "range", "strftime_now"})
 
 
 class FunctionDef(BaseModel):
@@ -162,6 +165,15 @@ class ChatCompletionRequest(_GenerationRequest):
     tool_choice: Literal["auto", "none", "required"] | NamedToolChoiceIn | None = None
     parallel_tool_calls: bool = True
     reasoning_format: Literal["none", "deepseek", "auto"] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # e.g. {"enable_thinking": false}, as llama-server/vLLM
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_kwargs(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        taken = sorted(set(v or ()) & TEMPLATE_VARIABLES)
+        if taken:
+            raise ValueError(f"{', '.join(taken)} cannot be set by a request")
+        return v
 
     @model_validator(mode="after")
     def _tool_choice(self) -> ChatCompletionRequest:

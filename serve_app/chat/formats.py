@@ -27,6 +27,7 @@ class Family(StrEnum):
 class ChatFormat:
     family: Family
     thinking: bool  # the template speaks <think>...</think> (DeepSeek-R1 distills, Qwen3, QwQ)
+    system_role: bool = True  # the template renders a system message (Gemma's refuses one)
 
     @property
     def takes_tools(self) -> bool:

@@ -58,6 +58,12 @@ class ChatPlan:
     tools: list[dict[str, Any]] | None = None  # for the template; None: do not pass the variable
 
     @property
+    def variables(self) -> dict[str, Any]:
+        """More template variables: thinking on unless the request's ``chat_template_kwargs`` say otherwise
+        (llama-server's default; templates that close ``<think>`` at once when it is off read it)."""
+        return {"enable_thinking": True, **self.req.chat_template_kwargs}
+
+    @property
     def tools_active(self) -> bool:
         return bool(self.req.tools) and self.req.tool_choice != "none"
 
@@ -104,8 +110,12 @@ def plan_chat(fmt: ChatFormat, req: GenerateRequest, default_reasoning: Reasonin
         return plan
     prompt = generic_system_prompt(tools, req.parallel_tool_calls)
     msgs = plan.messages
-    if msgs and msgs[0]["role"] == "system":
-        msgs[0] = {**msgs[0], "content": msgs[0]["content"] + "\n\n" + prompt}
+    first = next((i for i, m in enumerate(msgs) if m["role"] in ("system", "user")), None)
+    if first is not None and (msgs[first]["role"] == "system" or not fmt.system_role):
+        # Into the system message, or, for a template without a system role, the first user turn.
+        sep = "\n\n" if msgs[first]["role"] == "system" else ""
+        text = msgs[first]["content"] + sep + prompt if sep else prompt + "\n\n" + msgs[first]["content"]
+        msgs[first] = {**msgs[first], "content": text}
     else:
         msgs.insert(0, {"role": "system", "content": prompt})
     return plan

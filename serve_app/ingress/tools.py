@@ -44,6 +44,8 @@ def tool_fields(req: ChatCompletionRequest) -> dict[str, Any]:
         out["tool_choice"] = choice
     if req.reasoning_format is not None:
         out["reasoning_format"] = req.reasoning_format
+    if req.chat_template_kwargs:
+        out["chat_template_kwargs"] = req.chat_template_kwargs
     return out
 
 

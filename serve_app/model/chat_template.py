@@ -82,13 +82,14 @@ class ChatTemplate:
             raise InvalidRequestError(f"{self.origin} does not compile: {exception_line(e)}") from None
 
     def render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
-               tools: list[dict[str, Any]] | None = None) -> str:
+               tools: list[dict[str, Any]] | None = None, variables: dict[str, Any] | None = None) -> str:
         """The prompt text. Blocking and bounded in time: call it from a worker thread, not an event loop.
         ``tools`` (OpenAI's function tools) is given to the template only when there are some: templates test
-        ``tools is defined`` / ``tools is not none`` to switch their tool prompt on."""
+        ``tools is defined`` / ``tools is not none`` to switch their tool prompt on. ``variables``: more
+        template variables (``enable_thinking``...); they never replace the ones above."""
         parts: list[str] = []
         size = 0
-        extra: dict[str, Any] = {"tools": tools} if tools else {}
+        extra: dict[str, Any] = {**(variables or {}), **({"tools": tools} if tools else {})}
         try:
             with deadline(RENDER_TIMEOUT_S):
                 for piece in self._template.generate(

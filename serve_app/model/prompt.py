@@ -6,6 +6,7 @@ service runs it on worker threads, never on the replica's event loop.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Protocol
@@ -68,7 +69,16 @@ class PromptBuilder:
         self.template = template
         self.n_ctx_seq = n_ctx_seq
         self.format = detect(template.source)  # the tool-call family and thinking, once per model
+        if not self._renders_system():
+            self.format = dataclasses.replace(self.format, system_role=False)
         self.reasoning_format = reasoning_format
+
+    def _renders_system(self) -> bool:
+        try:
+            text = self.template.render([{"role": "system", "content": "\x01"}, {"role": "user", "content": "u"}])
+            return "\x01" in text
+        except InvalidRequestError:
+            return False
 
     def chat_tokens(self, messages: tuple[Message, ...]) -> list[int]:
         text = self.template.render([template_message(m) for m in messages], add_generation_prompt=True)
@@ -86,7 +96,8 @@ class PromptBuilder:
         if req.messages is None:
             return Prepared(self.request_tokens(req), req.params)
         plan = plan_chat(self.format, req, self.reasoning_format)
-        text = self.template.render(plan.messages, add_generation_prompt=True, tools=plan.tools)
+        text = self.template.render(plan.messages, add_generation_prompt=True, tools=plan.tools,
+                                    variables=plan.variables)
         tokens = self._tokens(text)
         check_prompt_tokens(tokens, self.model, self.n_ctx_seq)
         params = self.sampling(req)
