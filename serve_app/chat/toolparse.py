@@ -141,6 +141,7 @@ class ToolCallParser:
         self.rules = _RULES.get(family, _RULES[Family.JSON])
         self.buf = ""
         self.trigger: str | None = None  # the trigger of the block being read, None outside one
+        self.after_call = False  # separators between parallel calls are dropped, even when they stream later
 
     def feed(self, text: str) -> list[Piece]:
         self.buf += text
@@ -156,6 +157,11 @@ class ToolCallParser:
     def _scan(self, final: bool) -> list[Piece]:
         out: list[Piece] = []
         while self.buf:
+            if self.after_call:
+                self.buf = _after_calls(self.buf)
+                if not self.buf:
+                    break
+                self.after_call = False
             if self.trigger is None:
                 if not self._enter(out, final):
                     break
@@ -174,6 +180,7 @@ class ToolCallParser:
                 break
             calls, self.buf = got
             self.trigger = None
+            self.after_call = True
             out.extend(calls)
         return _merged(out)
 
