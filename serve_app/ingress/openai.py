@@ -38,6 +38,7 @@ from serve_app.schemas import (
     now,
 )
 
+from .logprobs import chat_logprobs, completion_logprobs
 from .sse import ChunkMaker, EventStream
 
 log = logging.getLogger("ray.serve")
@@ -153,9 +154,10 @@ class OpenAIService:
         text = done.text or ""
         if chat:
             choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
-                                      "logprobs": None, "finish_reason": done.finish_reason}
+                                      "logprobs": chat_logprobs(done.logprobs), "finish_reason": done.finish_reason}
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": done.finish_reason}
+            choice = {"index": 0, "text": text, "logprobs": completion_logprobs(done.logprobs),
+                      "finish_reason": done.finish_reason}
         return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": now(),
                 "model": self.model_id, "choices": [choice], "usage": done.usage.model_dump(),
                 "timings": done.timings.model_dump()}

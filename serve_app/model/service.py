@@ -16,8 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from serve_app.config import AppArgs
-from serve_app.engine import RequestStream, gpu_memory
-from serve_app.errors import EngineDeadError, NotReadyError, ServeError
+from serve_app.engine import GrammarSampler, RequestStream, compile_grammar, gpu_memory
+from serve_app.errors import EngineDeadError, InvalidRequestError, NotReadyError, ServeError
 from serve_app.metrics import ModelMetrics
 from serve_app.protocol import (
     Delta,
@@ -38,6 +38,7 @@ log = logging.getLogger("ray.serve")
 T = TypeVar("T")
 Admit = Callable[[RequestStream], Awaitable[ServeError | None]]
 PROMPT_THREADS = 2
+GRAMMAR_TIMEOUT_S = 5.0  # compiling a (size-bounded) schema takes milliseconds; a pathological one is refused
 
 
 class ModelService:
@@ -115,11 +116,15 @@ class ModelService:
     async def complete(self, req: GenerateRequest) -> Done | ErrorEvent:
         """Non-streaming: ``Done`` with the whole ``text``, or ``ErrorEvent``."""
         parts: list[str] = []
+        lps = None
         async for ev in self.generate(req.model_copy(update={"stream": False})):
             if isinstance(ev, Delta):
                 parts.append(ev.text)
+                if ev.logprobs is not None:
+                    lps = [*(lps or []), *ev.logprobs]
             elif isinstance(ev, Done):
                 ev.text = "".join(parts)
+                ev.logprobs = lps
                 return ev
             else:
                 return ev
@@ -159,7 +164,8 @@ class ModelService:
     async def _start(self, req: GenerateRequest) -> RequestStream:
         loaded = self._ready()
         tokens = await self._off_loop(loaded.prompts.request_tokens, req)
-        rs = RequestStream(req.label, tokens, loaded.prompts.sampling(req), stream=req.stream)
+        grammar = await self._grammar(req, loaded) if req.params.grammar is not None else None
+        rs = RequestStream(req.label, tokens, loaded.prompts.sampling(req), stream=req.stream, grammar=grammar)
         try:
             if self.batched_admit is not None:
                 err = await self.batched_admit(rs)
@@ -175,6 +181,19 @@ class ModelService:
             raise
         rs.bind(loaded.engine)
         return rs
+
+    async def _grammar(self, req: GenerateRequest, loaded: Loaded) -> GrammarSampler:
+        """The request's grammar, compiled (or found in the cache) and validated on a worker thread, before any
+        slot is taken: a bad one is a 400 here."""
+        spec = req.params.grammar
+        assert spec is not None
+        try:
+            grammar: GrammarSampler = await asyncio.wait_for(self._off_loop(compile_grammar, spec, loaded.model),
+                                                             GRAMMAR_TIMEOUT_S)
+        except TimeoutError:
+            raise InvalidRequestError(f"the grammar did not compile within {GRAMMAR_TIMEOUT_S:.0f} s; send a "
+                                      f"simpler schema", param="response_format") from None
+        return grammar
 
     def submit_together(self, streams: list[RequestStream]) -> list[ServeError | None]:
         """Admit ``streams`` in one engine command (their prompts then prefill in one step); when they do not all
