@@ -20,6 +20,7 @@ import re
 import threading
 import weakref
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 MAX_SCHEMA_CHARS = 64 * 1024  # a JSON schema's serialised size
 MAX_GBNF_CHARS = 128 * 1024  # a grammar's size, given or converted: bounds llama.cpp's parse and stack building
 CACHE_SIZE = 256
+MAX_NESTING = 64  # llama.cpp parses groups recursively: a deeper grammar could overflow the replica's stack
 ROOT = "root"
 # JSON-schema keywords the converter silently ignores: a schema that uses one would not be enforced, so it is
 # refused rather than answered with output that may not validate.
@@ -136,10 +138,8 @@ def gbnf_literal(text: str) -> str:
     return '"' + "".join(out) + '"'
 
 
-def rename_rule(gbnf: str, old: str, new: str) -> str:
-    """``old`` renamed to ``new`` wherever it is a rule name, never inside a literal, a character class or a
-    comment."""
-    out: list[str] = []
+def _tokens(gbnf: str) -> Iterator[str]:
+    """GBNF text in pieces that join back to it: each literal, character class, comment and name whole."""
     i, n = 0, len(gbnf)
     while i < n:
         ch = gbnf[i]
@@ -148,20 +148,37 @@ def rename_rule(gbnf: str, old: str, new: str) -> str:
             j = i + 1
             while j < n and gbnf[j] != close:
                 j += 2 if gbnf[j] == "\\" else 1
-            out.append(gbnf[i:j + 1])
+            yield gbnf[i:j + 1]
             i = j + 1
         elif ch == "#":
             j = gbnf.find("\n", i)
             j = n if j < 0 else j
-            out.append(gbnf[i:j])
+            yield gbnf[i:j]
             i = j
         elif (m := _IDENT.match(gbnf, i)) is not None:
-            out.append(new if m.group() == old else m.group())
+            yield m.group()
             i = m.end()
         else:
-            out.append(ch)
+            yield ch
             i += 1
-    return "".join(out)
+
+
+def rename_rule(gbnf: str, old: str, new: str) -> str:
+    """``old`` renamed to ``new`` wherever it is a rule name, never inside a literal, a character class or a
+    comment."""
+    return "".join(new if part == old else part for part in _tokens(gbnf))
+
+
+def nesting(gbnf: str) -> int:
+    """The deepest parenthesised group, outside literals, character classes and comments."""
+    deepest = depth = 0
+    for part in _tokens(gbnf):
+        if part == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif part == ")":
+            depth -= 1
+    return deepest
 
 
 def _wrap(body: str, spec: GrammarSpec) -> str:
@@ -197,8 +214,10 @@ def spec_to_text(spec: GrammarSpec) -> GrammarText:
             body = spec.gbnf or ""
         if len(body) > MAX_GBNF_CHARS:
             raise ValueError(f"the grammar is larger than {MAX_GBNF_CHARS} characters")
+        if nesting(body) > MAX_NESTING:
+            raise ValueError(f"the grammar nests groups deeper than {MAX_NESTING}")
         text = _wrap(body, spec)
-    except (ValueError, AssertionError, KeyError, TypeError, IndexError, RecursionError) as e:
+    except Exception as e:  # the converter is third-party code: whatever it raises, the schema cannot be used
         msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
         what = "JSON schema" if spec.json_schema is not None else "grammar"
         raise InvalidRequestError(f"the {what} cannot be used for structured output: {msg}", param=param) from None
