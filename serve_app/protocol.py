@@ -11,7 +11,7 @@ responses and is never used as a key. pydantic + stdlib + our error tree only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -27,11 +27,12 @@ INT32_MAX = 2**31 - 1  # llama.cpp takes top_k and the like as C ints: a larger 
 MAX_STOP_CHARS = 1024  # a stop string's matcher is built on the engine thread, in time linear in its length
 
 
-# ---- grammar: what constrains sampling ---------------------------------------------------------------------
+# ---- structured output and log probabilities: the sampling constraint as data (the engine compiles it) ----
 
 
 class GrammarSpec(_Strict):
     """What constrains sampling; compiled to GBNF (and cached) by serve_app/engine/grammar.py."""
+
     gbnf: str | None = None            # a GBNF grammar whose start rule is "root"
     json_schema: dict[str, Any] | None = None  # or a JSON schema ({} = any JSON value; {"type": "object"} = any object)
     prefix: str = ""                   # literal text the output starts with, before the JSON (e.g. "<tool_call>\n")
@@ -39,6 +40,26 @@ class GrammarSpec(_Strict):
     repeat: bool = False               # one or more prefix-JSON-suffix blocks, whitespace between (parallel calls)
     triggers: tuple[str, ...] = ()     # lazy: free text until one of these appears, then the grammar applies
                                        # from that text on (so prefix starts with the trigger text)
+
+    @model_validator(mode="after")
+    def _one_grammar(self) -> GrammarSpec:
+        if (self.gbnf is None) == (self.json_schema is None):
+            raise ValueError("give exactly one of 'gbnf' or 'json_schema'")
+        if any(not t for t in self.triggers):
+            raise ValueError("trigger texts must be non-empty")
+        return self
+
+
+@dataclass(slots=True)
+class TokenLogprob:
+    """One token's log probability (natural log, the model's own distribution) and, in ``top``, the most likely
+    tokens at that position (their own ``top`` empty). ``bytes`` are the token's UTF-8 bytes (a token may hold
+    part of a character)."""
+
+    token: str
+    bytes: list[int]
+    logprob: float
+    top: list[TokenLogprob] = field(default_factory=list)
 
 
 class SamplingParams(_Strict):
@@ -56,8 +77,9 @@ class SamplingParams(_Strict):
     seed: int | None = None
     stop: tuple[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)], ...] = ()
     ignore_eos: bool = False
-    # grammar: the sampling constraint (response_format, tools), compiled by the engine
+    # structured output and log probabilities
     grammar: GrammarSpec | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=20)  # None: off; n: the sampled token's + the n most likely
 
     @property
     def greedy(self) -> bool:
@@ -197,6 +219,7 @@ class ToolCallDelta:
 class Delta:
     text: str
     n_tokens: int
+    logprobs: list[TokenLogprob] | None = None  # one per token, when the request asked for them
     # tools and reasoning: the thinking text, and tool-call pieces, parsed out of the model's text
     reasoning: str = ""
     tool_calls: list[ToolCallDelta] | None = None
@@ -208,6 +231,7 @@ class Done:
     usage: Usage
     timings: Timings
     text: str | None = None  # the whole text, on non-streamed results only
+    logprobs: list[TokenLogprob] | None = None  # every token's, on non-streamed results that asked for them
     # tools and reasoning, on non-streamed results only: the parsed calls and the thinking text
     tool_calls: list[ToolCall] | None = None
     reasoning: str | None = None

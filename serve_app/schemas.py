@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from serve_app.protocol import INT32_MAX, MAX_STOP_CHARS, SamplingParams
+from serve_app.protocol import INT32_MAX, MAX_STOP_CHARS, GrammarSpec, SamplingParams
 
 # ---- OpenAI requests --------------------------------------------------------------------------------------------
 
@@ -109,7 +109,63 @@ class StreamOptions(BaseModel):
 Stop = str | list[str] | None
 
 
-class _GenerationRequest(_OpenAIModel):
+# ---- structured output and log probabilities (OpenAI's response_format, llama-server's grammar / json_schema) ----
+
+MAX_TOP_LOGPROBS = 20
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None  # always enforced: a grammar never lets the output leave the schema
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")  # llama-server: json_object + schema
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs a 'json_schema' object with the 'schema'")
+        return self
+
+
+class _Constrained(BaseModel):
+    """The request fields that constrain the output, and their one ``GrammarSpec``."""
+
+    response_format: ResponseFormat | None = None
+    grammar: str | None = Field(default=None, min_length=1)
+    json_schema: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _one_constraint(self) -> _Constrained:
+        given = [k for k in ("grammar", "json_schema") if getattr(self, k) is not None]
+        if self.response_format is not None and self.response_format.type != "text":
+            given.append("response_format")
+        if len(given) > 1:
+            raise ValueError(f"give only one of {', '.join(given)}")
+        return self
+
+    def grammar_spec(self) -> GrammarSpec | None:
+        rf = self.response_format
+        if self.grammar is not None:
+            return GrammarSpec(gbnf=self.grammar)
+        if self.json_schema is not None:
+            return GrammarSpec(json_schema=self.json_schema)
+        if rf is None or rf.type == "text":
+            return None
+        if rf.type == "json_schema":
+            assert rf.json_schema is not None
+            return GrammarSpec(json_schema=rf.json_schema.schema_)
+        return GrammarSpec(json_schema=rf.schema_ if rf.schema_ is not None else {"type": "object"})
+
+
+class _GenerationRequest(_Constrained, _OpenAIModel):
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
@@ -151,7 +207,11 @@ class _GenerationRequest(_OpenAIModel):
             if getattr(self, k) is not None
         }
         max_tokens = self.max_completion_tokens or self.max_tokens or default_max_tokens
-        return SamplingParams(max_tokens=max_tokens, stop=tuple(stops), ignore_eos=self.ignore_eos, **given)
+        return SamplingParams(max_tokens=max_tokens, stop=tuple(stops), ignore_eos=self.ignore_eos,
+                              grammar=self.grammar_spec(), logprobs=self.logprobs_n(), **given)
+
+    def logprobs_n(self) -> int | None:
+        return None
 
     @property
     def include_usage(self) -> bool:
@@ -187,10 +247,26 @@ class ChatCompletionRequest(_GenerationRequest):
             raise ValueError(f"tool_choice: function '{choice.function.name}' is not in 'tools'")
         return self
 
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    def logprobs_n(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
 
 class CompletionRequest(_GenerationRequest):
     prompt: str | list[int] | list[str]
     echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    def logprobs_n(self) -> int | None:
+        return self.logprobs
 
     @model_validator(mode="after")
     def _one_prompt(self) -> CompletionRequest:

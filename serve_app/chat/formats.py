@@ -68,6 +68,6 @@ def generic_system_prompt(tools: list[dict[str, Any]], parallel: bool) -> str:
     shape = ('{"tool_calls": [{"name": "<tool name>", "arguments": {...}}, ...]}' if parallel else
              '{"tool_call": {"name": "<tool name>", "arguments": {...}}}')
     return ("You can call any of the following tools to satisfy the user's requests: "
-            + json.dumps(tools, ensure_ascii=False, indent=2)
+            + json.dumps(tools, ensure_ascii=False)
             + "\n\nTo call a tool, respond with a JSON object of this shape: " + shape
             + '\nTo answer without a tool, respond with {"response": "<your answer>"}.')

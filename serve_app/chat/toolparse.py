@@ -98,7 +98,34 @@ def _hermes(buf: str, final: bool) -> tuple[list[ParsedCall], str] | None:
     return [call_from(obj)], _after_calls(rest)
 
 
+_CALL_START = re.compile(r'\{\s*"name"\s*:')
+_NAME_KEY = '"name"'
+
+
+def _opens_call(buf: str, final: bool) -> bool | None:
+    """Whether ``buf`` (at a '{') starts a call object, whitespace allowed as JSON allows it: ``{ "name" :``
+    is what a grammar may well produce. None: not decided yet."""
+    if _CALL_START.match(buf):
+        return True
+    rest = buf[1:].lstrip()
+    if final or len(rest) >= len(_NAME_KEY) or not _NAME_KEY.startswith(rest):
+        if rest.startswith(_NAME_KEY) and not final and not rest[len(_NAME_KEY):].strip():
+            return None  # '{"name"' then whitespace so far: the ':' may still come
+        return False
+    return None
+
+
 def _json_objects(buf: str, final: bool) -> tuple[list[ParsedCall], str] | None:
+    head = buf.lstrip()  # after <|python_tag|> the object may follow a space
+    if not head:
+        if final:
+            raise NotACall("no JSON")
+        return None
+    opens = _opens_call(head, final)
+    if opens is None:
+        return None
+    if not opens:
+        raise NotACall("not a call object")
     got = decode_json(buf, final)
     if got is None:
         return None
@@ -126,10 +153,10 @@ class _Rules:
 _RULES: dict[Family, _Rules] = {
     Family.HERMES: _Rules((("<tool_call>", False),), _hermes),
     # <|python_tag|> is a control token the detokenizer may drop: the bare JSON object is a call too.
-    Family.LLAMA3: _Rules((("<|python_tag|>", False), ('{"name"', True)), _json_objects),
+    Family.LLAMA3: _Rules((("<|python_tag|>", False), ("{", True)), _json_objects),
     # [TOOL_CALLS] is a control token in Mistral's vocabulary: a bare list of calls counts as well.
     Family.MISTRAL: _Rules((("[TOOL_CALLS]", False), ('[{"name"', True)), _json_list),
-    Family.JSON: _Rules((('{"name"', True), ("<tool_call>", False)), _json_objects),
+    Family.JSON: _Rules((("{", True), ("<tool_call>", False)), _json_objects),
 }
 
 

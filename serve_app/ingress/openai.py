@@ -37,6 +37,7 @@ from serve_app.schemas import (
     now,
 )
 
+from .logprobs import chat_logprobs, completion_logprobs
 from .sse import ChunkMaker, EventStream
 from .tools import chat_message, chat_messages, tool_fields
 
@@ -154,9 +155,10 @@ class OpenAIService:
         text = done.text or ""
         if chat:
             choice: dict[str, Any] = {"index": 0, "message": chat_message(done),
-                                      "logprobs": None, "finish_reason": done.finish_reason}
+                                      "logprobs": chat_logprobs(done.logprobs), "finish_reason": done.finish_reason}
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": done.finish_reason}
+            choice = {"index": 0, "text": text, "logprobs": completion_logprobs(done.logprobs),
+                      "finish_reason": done.finish_reason}
         return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": now(),
                 "model": self.model_id, "choices": [choice], "usage": done.usage.model_dump(),
                 "timings": done.timings.model_dump()}

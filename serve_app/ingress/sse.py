@@ -12,9 +12,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from serve_app.errors import EngineDeadError
-from serve_app.protocol import Delta, Done, ErrorEvent, Event
+from serve_app.protocol import Delta, Done, ErrorEvent, Event, TokenLogprob
 from serve_app.ray_errors import ray_failure
 
+from .logprobs import chat_logprobs, completion_logprobs
 from .replies import DONE, internal_error, sse, sse_error
 from .tools import call_deltas
 
@@ -28,20 +29,24 @@ class ChunkMaker:
         self.chat = chat
         self.head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                      "created": created, "model": model}
+        self.text_offset = 0  # completions' logprobs.text_offset runs over the whole output
 
-    def choice(self, text: str | None, finish: str | None, **extra: Any) -> dict[str, Any]:
+    def choice(self, text: str | None, finish: str | None, lps: list[TokenLogprob] | None = None,
+               **extra: Any) -> dict[str, Any]:
         if self.chat:
             delta: dict[str, Any] = {} if text is None else {"content": text}
-            c: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            c: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": chat_logprobs(lps), "finish_reason": finish}
         else:
-            c = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            logprobs = completion_logprobs(lps, self.text_offset)
+            self.text_offset += sum(len(lp.token) for lp in lps or ())
+            c = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
         return {**self.head, "choices": [c], **extra}
 
     def delta(self, ev: Delta) -> dict[str, Any]:
         """A chunk of text, or, in a chat, of content, reasoning and tool calls."""
         if not self.chat or (not ev.reasoning and not ev.tool_calls):
-            return self.choice(ev.text, None)
-        chunk = self.choice(ev.text or None, None)
+            return self.choice(ev.text, None, ev.logprobs)
+        chunk = self.choice(ev.text or None, None, ev.logprobs)
         delta = chunk["choices"][0]["delta"]
         if ev.reasoning:
             delta["reasoning_content"] = ev.reasoning
@@ -71,7 +76,7 @@ class EventStream:
         ev: Event | None = self.first
         while ev is not None:
             if isinstance(ev, Delta):
-                if ev.text or ev.reasoning or ev.tool_calls:
+                if ev.text or ev.logprobs or ev.reasoning or ev.tool_calls:
                     yield sse(self.chunks.delta(ev))
             elif isinstance(ev, Done):
                 yield sse(self.chunks.choice(None, ev.finish_reason, timings=ev.timings.model_dump()))

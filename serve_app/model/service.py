@@ -17,8 +17,8 @@ from typing import Any, TypeVar
 
 from serve_app.chat.output import ChatOutput, gather_calls
 from serve_app.config import AppArgs
-from serve_app.engine import RequestStream, gpu_memory
-from serve_app.errors import EngineDeadError, NotReadyError, ServeError
+from serve_app.engine import GrammarSampler, RequestStream, compile_grammar, gpu_memory
+from serve_app.errors import EngineDeadError, InvalidRequestError, NotReadyError, ServeError
 from serve_app.metrics import ModelMetrics
 from serve_app.protocol import (
     Delta,
@@ -27,6 +27,7 @@ from serve_app.protocol import (
     ErrorEvent,
     Event,
     GenerateRequest,
+    GrammarSpec,
     ModelInfo,
     Text,
     TokenizeCall,
@@ -40,6 +41,7 @@ log = logging.getLogger("ray.serve")
 T = TypeVar("T")
 Admit = Callable[[RequestStream], Awaitable[ServeError | None]]
 PROMPT_THREADS = 2
+GRAMMAR_TIMEOUT_S = 5.0  # compiling a (size-bounded) schema takes milliseconds; a pathological one is refused
 
 
 class ModelService:
@@ -131,15 +133,19 @@ class ModelService:
         parts: list[str] = []
         thoughts: list[str] = []
         calls: list[ToolCallDelta] = []
+        lps = None
         async for ev in self.generate(req.model_copy(update={"stream": False})):
             if isinstance(ev, Delta):
                 parts.append(ev.text)
                 thoughts.append(ev.reasoning)
                 calls.extend(ev.tool_calls or ())
+                if ev.logprobs is not None:
+                    lps = [*(lps or []), *ev.logprobs]
             elif isinstance(ev, Done):
                 ev.text = "".join(parts)
                 ev.reasoning = "".join(thoughts) or None
                 ev.tool_calls = gather_calls(calls) or None
+                ev.logprobs = lps
                 return ev
             else:
                 return ev
@@ -179,7 +185,9 @@ class ModelService:
     async def _start(self, req: GenerateRequest) -> tuple[RequestStream, ChatOutput | None]:
         loaded = self._ready()
         prep = await self._off_loop(loaded.prompts.prepare, req)
-        rs = RequestStream(req.label, prep.tokens, prep.params, stream=req.stream)
+        spec = prep.params.grammar
+        grammar = await self._grammar(spec, loaded) if spec is not None else None
+        rs = RequestStream(req.label, prep.tokens, prep.params, stream=req.stream, grammar=grammar)
         try:
             if self.batched_admit is not None:
                 err = await self.batched_admit(rs)
@@ -195,6 +203,17 @@ class ModelService:
             raise
         rs.bind(loaded.engine)
         return rs, prep.output
+
+    async def _grammar(self, spec: GrammarSpec, loaded: Loaded) -> GrammarSampler:
+        """The request's grammar (response_format, or the tool calls' the prompt builder made), compiled (or found
+        in the cache) and validated on a worker thread, before any slot is taken: a bad one is a 400 here."""
+        try:
+            grammar: GrammarSampler = await asyncio.wait_for(self._off_loop(compile_grammar, spec, loaded.model),
+                                                             GRAMMAR_TIMEOUT_S)
+        except TimeoutError:
+            raise InvalidRequestError(f"the grammar did not compile within {GRAMMAR_TIMEOUT_S:.0f} s; send a "
+                                      f"simpler schema", param="response_format") from None
+        return grammar
 
     def submit_together(self, streams: list[RequestStream]) -> list[ServeError | None]:
         """Admit ``streams`` in one engine command (their prompts then prefill in one step); when they do not all

@@ -50,6 +50,9 @@ CASES = [
     (Family.LLAMA3, '{"name": "get_weather", "parameters": {"city": "Paris"}}; '
      '{"name": "get_weather", "parameters": {"city": "Rome"}}', [PARIS, ROME]),
     (Family.LLAMA3, 'The set {"name"} is not a call.', ['The set {"name"} is not a call.']),
+    # whitespace where JSON allows it, as a grammar may produce it
+    (Family.LLAMA3, '{ "name" :"get_weather", "parameters":{ "city" :"Paris" } }', [PARIS]),
+    (Family.LLAMA3, 'Use {"a": 1} or { } or {', ['Use {"a": 1} or { } or {']),
     # Mistral v0.3 / Nemo: a list after [TOOL_CALLS] (or bare, when the control token is not rendered)
     (Family.MISTRAL, '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}, '
      '{"name": "get_weather", "arguments": {"city": "Rome"}}]', [PARIS, ROME]),

@@ -152,10 +152,22 @@ def test_openai_history_and_tool_fields_become_protocol_values() -> None:
     assert fields["reasoning_format"] == "none" and fields["tools"][0].function.parameters["type"] == "object"
 
 
+@pytest.fixture
+def no_compile(monkeypatch: pytest.MonkeyPatch) -> list[GrammarSpec]:
+    """The engine's grammar compiler needs a real vocabulary: record the specs instead."""
+    seen: list[GrammarSpec] = []
+
+    def record(spec: GrammarSpec, model: Any) -> None:
+        seen.append(spec)
+
+    monkeypatch.setattr("serve_app.model.service.compile_grammar", record, raising=False)
+    return seen
+
+
 CALL_TEXT = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>'
 
 
-def test_the_model_service_returns_calls_and_reasoning_parsed_from_the_text() -> None:
+def test_the_model_service_returns_calls_and_reasoning_parsed_from_the_text(no_compile: list) -> None:
     async def main() -> None:
         svc = await Harness(template=T.template(T.QWEN3), reply="<think>\nRome? Call it.\n</think>\n\n" + CALL_TEXT,
                             n_ctx_seq=4096).ready()
@@ -176,7 +188,7 @@ def test_the_model_service_returns_calls_and_reasoning_parsed_from_the_text() ->
     run(main())
 
 
-def test_the_engine_gets_the_tool_grammar_and_the_template_its_tools() -> None:
+def test_the_engine_gets_the_tool_grammar_and_the_template_its_tools(no_compile: list) -> None:
     async def main() -> None:
         h = Harness(template=T.template(T.QWEN25), reply=CALL_TEXT, n_ctx_seq=4096)
         svc = await h.ready()
@@ -186,5 +198,6 @@ def test_the_engine_gets_the_tool_grammar_and_the_template_its_tools() -> None:
         assert "get_weather" in h.vocab.detokenize(sent.prompt) and "<tools>" in h.vocab.detokenize(sent.prompt)
         await svc.complete(GenerateRequest(label="r", messages=HISTORY))
         assert h.engine.submitted[-1].params.grammar is None
+        assert [g.prefix for g in no_compile] == ["<tool_call>\n"]  # compiled before the engine got it
 
     run(main())
