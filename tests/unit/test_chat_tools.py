@@ -3,7 +3,7 @@ is detected; tools and tool-call history reach every template (in its own format
 that ignores tools); each tool_choice yields the grammar that makes the family's call parse (forced, lazy from the
 trigger, or none), applied after the thinking of a reasoning model; bad tools/tool_choice are 400s; and the model
 service turns the model's text into OpenAI's content / reasoning_content / tool_calls with finish_reason
-"tool_calls". The engine is a fake here; tests/integration/test_chat_tools.py runs the real one."""
+"tool_calls". The engine is a fake here; tests/integration/test_tool_calling.py runs the real one."""
 
 from __future__ import annotations
 
