@@ -136,6 +136,9 @@ class ServerConfig(_Strict):
     )
     chat_template: str | None = Field(default=None, description="Jinja chat template overriding the GGUF's.")
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    reasoning_format: Literal["none", "deepseek", "auto"] = Field(
+        default="auto", description="How a thinking model's <think>...</think> is returned, unless a request says: "
+        "none: left in the content; deepseek/auto: split into reasoning_content.")
     low_latency: bool = Field(
         default=True,
         description="Ingress -> LlamaModel calls over Ray Serve's direct gRPC channel, and user code on the "

@@ -11,7 +11,7 @@ responses and is never used as a key. pydantic + stdlib + our error tree only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -25,6 +25,41 @@ class _Strict(BaseModel):
 
 INT32_MAX = 2**31 - 1  # llama.cpp takes top_k and the like as C ints: a larger value would wrap silently
 MAX_STOP_CHARS = 1024  # a stop string's matcher is built on the engine thread, in time linear in its length
+
+
+# ---- structured output and log probabilities: the sampling constraint as data (the engine compiles it) ----
+
+
+class GrammarSpec(_Strict):
+    """What constrains sampling; compiled to GBNF (and cached) by serve_app/engine/grammar.py."""
+
+    gbnf: str | None = None            # a GBNF grammar whose start rule is "root"
+    json_schema: dict[str, Any] | None = None  # or a JSON schema ({} = any JSON value; {"type": "object"} = any object)
+    prefix: str = ""                   # literal text the output starts with, before the JSON (e.g. "<tool_call>\n")
+    suffix: str = ""                   # literal text after it
+    repeat: bool = False               # one or more prefix-JSON-suffix blocks, whitespace between (parallel calls)
+    triggers: tuple[str, ...] = ()     # lazy: free text until one of these appears, then the grammar applies
+                                       # from that text on (so prefix starts with the trigger text)
+
+    @model_validator(mode="after")
+    def _one_grammar(self) -> GrammarSpec:
+        if (self.gbnf is None) == (self.json_schema is None):
+            raise ValueError("give exactly one of 'gbnf' or 'json_schema'")
+        if any(not t for t in self.triggers):
+            raise ValueError("trigger texts must be non-empty")
+        return self
+
+
+@dataclass(slots=True)
+class TokenLogprob:
+    """One token's log probability (natural log, the model's own distribution) and, in ``top``, the most likely
+    tokens at that position (their own ``top`` empty). ``bytes`` are the token's UTF-8 bytes (a token may hold
+    part of a character)."""
+
+    token: str
+    bytes: list[int]
+    logprob: float
+    top: list[TokenLogprob] = field(default_factory=list)
 
 
 class SamplingParams(_Strict):
@@ -44,6 +79,9 @@ class SamplingParams(_Strict):
     ignore_eos: bool = False
     # Prompt caching: False makes this request prefill its whole prompt (llama-server's field of the same name).
     cache_prompt: bool = True
+    # structured output and log probabilities
+    grammar: GrammarSpec | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=20)  # None: off; n: the sampled token's + the n most likely
 
     @property
     def greedy(self) -> bool:
@@ -54,11 +92,47 @@ class SamplingParams(_Strict):
         return self.repeat_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
+# ---- tools and reasoning: function tools, calls in the history, how thinking is reported -------------------
+
+
+class ToolFunction(_Strict):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+
+
+class Tool(_Strict):
+    type: Literal["function"] = "function"
+    function: ToolFunction
+
+
+class FunctionCall(_Strict):
+    name: str
+    arguments: str  # a JSON object, as text (OpenAI's shape)
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class NamedToolChoice(_Strict):
+    name: str  # the one function the model must call
+
+
+ToolChoice = Literal["auto", "none", "required"] | NamedToolChoice
+ReasoningFormat = Literal["none", "deepseek", "auto"]
+
+
 class Message(_Strict):
     """One chat message as the template sees it (content already flattened to text)."""
 
     role: str
-    content: str
+    content: str | None
+    tool_calls: tuple[ToolCall, ...] | None = None  # assistant turns that called tools
+    tool_call_id: str | None = None  # tool turns: the call answered
+    name: str | None = None
 
 
 class GenerateRequest(_Strict):
@@ -69,6 +143,12 @@ class GenerateRequest(_Strict):
     prompt: str | tuple[int, ...] | None = None
     params: SamplingParams = Field(default_factory=SamplingParams)
     stream: bool = True
+    # tools and reasoning (chat only): offered functions, the choice, and how thinking is reported
+    tools: tuple[Tool, ...] = ()
+    tool_choice: ToolChoice = "auto"
+    parallel_tool_calls: bool = True
+    reasoning_format: ReasoningFormat | None = None  # None: the server's default
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)  # extra template variables
 
     @model_validator(mode="after")
     def _one_input(self) -> GenerateRequest:
@@ -135,15 +215,29 @@ class Usage(BaseModel):
     cached_tokens: int = 0
 
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 # Events are plain dataclasses, not pydantic models: the engine makes one per token per sequence on its hot path.
+
+
+@dataclass(slots=True)
+class ToolCallDelta:
+    """A streamed piece of a tool call: the first for an index carries ``id`` and ``name``; later ones arguments."""
+
+    index: int
+    arguments: str
+    id: str | None = None
+    name: str | None = None
 
 
 @dataclass(slots=True)
 class Delta:
     text: str
     n_tokens: int
+    logprobs: list[TokenLogprob] | None = None  # one per token, when the request asked for them
+    # tools and reasoning: the thinking text, and tool-call pieces, parsed out of the model's text
+    reasoning: str = ""
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 @dataclass(slots=True)
@@ -152,6 +246,10 @@ class Done:
     usage: Usage
     timings: Timings
     text: str | None = None  # the whole text, on non-streamed results only
+    logprobs: list[TokenLogprob] | None = None  # every token's, on non-streamed results that asked for them
+    # tools and reasoning, on non-streamed results only: the parsed calls and the thinking text
+    tool_calls: list[ToolCall] | None = None
+    reasoning: str | None = None
 
 
 @dataclass(slots=True)

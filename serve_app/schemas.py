@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from serve_app.protocol import INT32_MAX, MAX_STOP_CHARS, SamplingParams
+from serve_app.protocol import INT32_MAX, MAX_STOP_CHARS, GrammarSpec, SamplingParams
 
 # ---- OpenAI requests --------------------------------------------------------------------------------------------
 
@@ -30,12 +30,68 @@ class TextPart(BaseModel):
     text: str
 
 
+# ---- tools and reasoning: function tools, calls in the history -------------------------------------------------
+
+_TOOL_NAME = r"^[A-Za-z0-9_.-]{1,64}$"
+# What the server itself gives a chat template: chat_template_kwargs may not replace these.
+TEMPLATE_VARIABLES = frozenset({"messages", "tools", "add_generation_prompt", "bos_token", "eos_token",
+                                "raise_exception", "range", "strftime_now"})
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(pattern=_TOOL_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _object_schema(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        # The arguments are always a JSON object: a schema for anything else cannot describe them.
+        if v is not None and v.get("type", "object") != "object":
+            raise ValueError("a function's parameters must be a JSON schema of type 'object'")
+        return v
+
+
+class ToolDef(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class CalledFunction(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    arguments: str
+
+
+class ToolCallIn(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+
+class NamedToolChoiceIn(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None  # assistant turns that called tools
+    tool_call_id: str | None = None  # tool turns: the call answered
 
     def text(self) -> str:
         if self.content is None:
@@ -53,7 +109,63 @@ class StreamOptions(BaseModel):
 Stop = str | list[str] | None
 
 
-class _GenerationRequest(_OpenAIModel):
+# ---- structured output and log probabilities (OpenAI's response_format, llama-server's grammar / json_schema) ----
+
+MAX_TOP_LOGPROBS = 20
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None  # always enforced: a grammar never lets the output leave the schema
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")  # llama-server: json_object + schema
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs a 'json_schema' object with the 'schema'")
+        return self
+
+
+class _Constrained(BaseModel):
+    """The request fields that constrain the output, and their one ``GrammarSpec``."""
+
+    response_format: ResponseFormat | None = None
+    grammar: str | None = Field(default=None, min_length=1)
+    json_schema: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _one_constraint(self) -> _Constrained:
+        given = [k for k in ("grammar", "json_schema") if getattr(self, k) is not None]
+        if self.response_format is not None and self.response_format.type != "text":
+            given.append("response_format")
+        if len(given) > 1:
+            raise ValueError(f"give only one of {', '.join(given)}")
+        return self
+
+    def grammar_spec(self) -> GrammarSpec | None:
+        rf = self.response_format
+        if self.grammar is not None:
+            return GrammarSpec(gbnf=self.grammar)
+        if self.json_schema is not None:
+            return GrammarSpec(json_schema=self.json_schema)
+        if rf is None or rf.type == "text":
+            return None
+        if rf.type == "json_schema":
+            assert rf.json_schema is not None
+            return GrammarSpec(json_schema=rf.json_schema.schema_)
+        return GrammarSpec(json_schema=rf.schema_ if rf.schema_ is not None else {"type": "object"})
+
+
+class _GenerationRequest(_Constrained, _OpenAIModel):
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
@@ -97,7 +209,11 @@ class _GenerationRequest(_OpenAIModel):
         }
         max_tokens = self.max_completion_tokens or self.max_tokens or default_max_tokens
         return SamplingParams(max_tokens=max_tokens, stop=tuple(stops), ignore_eos=self.ignore_eos,
-                              cache_prompt=self.cache_prompt, **given)
+                              cache_prompt=self.cache_prompt, grammar=self.grammar_spec(),
+                              logprobs=self.logprobs_n(), **given)
+
+    def logprobs_n(self) -> int | None:
+        return None
 
     @property
     def include_usage(self) -> bool:
@@ -106,11 +222,53 @@ class _GenerationRequest(_OpenAIModel):
 
 class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
+    # tools and reasoning
+    tools: list[ToolDef] | None = Field(default=None, max_length=128)
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoiceIn | None = None
+    parallel_tool_calls: bool = True
+    reasoning_format: Literal["none", "deepseek", "auto"] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # e.g. {"enable_thinking": false}, as llama-server/vLLM
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_kwargs(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        taken = sorted(set(v or ()) & TEMPLATE_VARIABLES)
+        if taken:
+            raise ValueError(f"{', '.join(taken)} cannot be set by a request")
+        return v
+
+    @model_validator(mode="after")
+    def _tool_choice(self) -> ChatCompletionRequest:
+        names = [t.function.name for t in self.tools or ()]
+        if len(set(names)) != len(names):
+            raise ValueError("tools: function names must be unique")
+        choice = self.tool_choice
+        if choice == "required" and not names:
+            raise ValueError("tool_choice: 'required' needs at least one tool in 'tools'")
+        if isinstance(choice, NamedToolChoiceIn) and choice.function.name not in names:
+            raise ValueError(f"tool_choice: function '{choice.function.name}' is not in 'tools'")
+        return self
+
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    def logprobs_n(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(_GenerationRequest):
     prompt: str | list[int] | list[str]
     echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    def logprobs_n(self) -> int | None:
+        return self.logprobs
 
     @model_validator(mode="after")
     def _one_prompt(self) -> CompletionRequest:

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from .aio import RequestStream, open_stream
     from .device import device_name, gpu_memory
     from .generation import EngineRequest
+    from .grammar import GrammarSampler, compile_grammar
     from .llama import LlamaModelHandle
     from .loader import LoadReport, load_engine
     from .scheduler import Engine
@@ -22,14 +23,15 @@ _EXPORTS = {
     "RequestStream": "aio", "open_stream": "aio",
     "device_name": "device", "gpu_memory": "device",
     "EngineRequest": "generation",
+    "GrammarSampler": "grammar", "compile_grammar": "grammar",
     "LlamaModelHandle": "llama",
     "LoadReport": "loader", "load_engine": "loader",
     "Engine": "scheduler", "EngineStats": "stats",
 }
 
 __all__ = [
-    "Engine", "EngineRequest", "EngineStats", "LlamaModelHandle", "LoadReport", "RequestStream", "device_name",
-    "gpu_memory", "load_engine", "open_stream",
+    "Engine", "EngineRequest", "EngineStats", "GrammarSampler", "LlamaModelHandle", "LoadReport", "RequestStream", "compile_grammar",
+    "device_name", "gpu_memory", "load_engine", "open_stream",
 ]
 
 

@@ -13,6 +13,7 @@ from serve_app.protocol import Delta, Done, ErrorEvent, Event, SamplingParams
 from .generation import EngineRequest
 
 if TYPE_CHECKING:
+    from .grammar import GrammarSampler
     from .scheduler import Engine
 
 
@@ -72,11 +73,12 @@ class RequestStream:
     gets fewer, larger chunks instead of falling behind.
     """
 
-    def __init__(self, label: str, prompt: list[int], params: SamplingParams, stream: bool = True) -> None:
+    def __init__(self, label: str, prompt: list[int], params: SamplingParams, stream: bool = True,
+                 grammar: GrammarSampler | None = None) -> None:
         self._sink = _sink_for(asyncio.get_running_loop())
         self._q: asyncio.Queue[Event] = asyncio.Queue()
         self.request = EngineRequest(label=label, prompt=prompt, params=params, emit=self._emit, stream=stream,
-                                     flush=self._sink.flush_once)
+                                     flush=self._sink.flush_once, grammar=grammar)
         self.done = False
         self._closed = False
         self._engine: Engine | None = None
@@ -96,12 +98,14 @@ class RequestStream:
             while True:
                 ev = await self._q.get()
                 if isinstance(ev, Delta):
-                    text, n = [ev.text], ev.n_tokens
+                    text, n, lps = [ev.text], ev.n_tokens, ev.logprobs
                     while not self._q.empty() and isinstance(nxt := self._q._queue[0], Delta):  # type: ignore[attr-defined]
                         self._q.get_nowait()
                         text.append(nxt.text)
                         n += nxt.n_tokens
-                    yield Delta("".join(text), n)
+                        if nxt.logprobs:
+                            lps = [*(lps or []), *nxt.logprobs]
+                    yield Delta("".join(text), n, lps)
                     continue
                 self.done = isinstance(ev, Done | ErrorEvent)
                 yield ev
@@ -118,9 +122,9 @@ class RequestStream:
 
 
 def open_stream(engine: Engine, label: str, prompt: list[int], params: SamplingParams,
-                stream: bool = True) -> RequestStream:
+                stream: bool = True, grammar: GrammarSampler | None = None) -> RequestStream:
     """Submit one request and return its stream (raises typed errors before any work)."""
-    stream_ = RequestStream(label, prompt, params, stream)
+    stream_ = RequestStream(label, prompt, params, stream, grammar)
     engine.submit([stream_.request])
     stream_.bind(engine)
     return stream_

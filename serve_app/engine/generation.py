@@ -14,11 +14,13 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from serve_app.errors import ContextOverflowError
-from serve_app.protocol import Delta, Done, Event, FinishReason, SamplingParams, Timings, Usage
+from serve_app.protocol import Delta, Done, Event, FinishReason, SamplingParams, Timings, TokenLogprob, Usage
 
+from .logprobs import token_logprob
 from .text import StopMatcher, Utf8Stream
 
 if TYPE_CHECKING:
+    from .grammar import GrammarSampler
     from .llama import LlamaContextHandle, LlamaModelHandle, SamplerChain
 
 
@@ -35,7 +37,7 @@ class EngineRequest:
     flush: Callable[[], None] | None = None  # called once after each engine step that emitted for this request
     arrival: float = field(default_factory=time.perf_counter)
     key: int = -1
-
+    grammar: GrammarSampler | None = None  # compiled from params.grammar before submit; owned by the request
 
 
 
@@ -78,6 +80,10 @@ class Generation:
         self.budget = min(p.max_tokens, n_ctx_seq - len(req.prompt))  # max new tokens, capped by the room left
         seed = p.seed if p.seed is not None else int.from_bytes(np.random.bytes(4), "little")
         self.sampler: SamplerChain | None = None if (p.greedy and not p.penalised) else SamplerChain(model, p, seed)
+        self.grammar = req.grammar
+        self.n_logprobs = p.logprobs
+        self.logprobs: list[TokenLogprob] = []  # kept only when not streaming
+        self._lp: TokenLogprob | None = None  # the last picked token's, until ``accept``
         self.utf8 = Utf8Stream()
         self.stops = StopMatcher(p.stop)
         self.text: list[str] = []  # the output so far, kept only when not streaming
@@ -94,23 +100,39 @@ class Generation:
         """What to prefill: the prompt, plus the output so far when resuming after a pause."""
         return np.asarray(self.req.prompt + self.out_tokens, dtype=np.int32)
 
-    def sample(self, ctx: LlamaContextHandle, i_batch: int) -> int:
-        assert self.sampler is not None
-        return self.sampler.sample(ctx, i_batch)
+    def pick(self, ctx: LlamaContextHandle, i_batch: int, greedy: int) -> int:
+        """The next token (``greedy``: the row's argmax, already computed for plain greedy rows); -1 when the
+        grammar allows no token. Plain requests take the first line only."""
+        if self.grammar is None and self.n_logprobs is None:
+            return self.sampler.sample(ctx, i_batch) if self.sampler is not None else greedy
+        row = ctx.row_logits(i_batch, self.model.n_vocab)
+        if self.grammar is not None:
+            tok = self.grammar.choose(row, self.sampler, greedy)
+        else:
+            tok = self.sampler.sample(ctx, i_batch) if self.sampler is not None else greedy
+        if self.n_logprobs is not None and tok >= 0:
+            self._lp = token_logprob(row, tok, self.n_logprobs, self.model.piece)
+        return tok
 
     def accept(self, tok: int, now: float) -> tuple[Delta | None, FinishReason | None]:
         """Take one sampled token: the text to stream (if any) and the finish reason once it is over."""
         if not self.t_first:
             self.t_first = now
-        if self.model.is_eog(tok) and not self.req.params.ignore_eos:
+        # With a grammar, end-of-generation is only ever picked where the grammar is complete: it ends the output.
+        if self.model.is_eog(tok) and (not self.req.params.ignore_eos or self.grammar is not None):
             return None, "stop"
+        if self.grammar is not None:
+            self.grammar.accept(tok)
+        lp, self._lp = self._lp, None
         self.out_tokens.append(tok)
         text, stopped = self.stops.push(self.utf8.push(self.model.piece(tok)))
         delta = None
         if not self.req.stream:
             self.text.append(text)
-        elif text or not stopped:
-            delta = Delta(text, 1)
+            if lp is not None:
+                self.logprobs.append(lp)
+        elif text or not stopped or lp is not None:
+            delta = Delta(text, 1, None if lp is None else [lp])
         if stopped:
             self.stopped_on_string = True
             return delta, "stop"
@@ -127,7 +149,8 @@ class Generation:
             elif tail:
                 self.text.append(tail)
         if not self.req.stream:
-            out.append(Delta("".join(self.text), self.generated))
+            out.append(Delta("".join(self.text), self.generated,
+                             self.logprobs if self.n_logprobs is not None else None))
         out.append(Done(reason, self._usage(), self._timings()))
         return out
 
@@ -152,3 +175,6 @@ class Generation:
         if self.sampler is not None:
             self.sampler.close()
             self.sampler = None
+        if self.grammar is not None:
+            self.grammar.close()
+            self.grammar = None

@@ -244,6 +244,10 @@ class LlamaContextHandle:
         """Zero-copy (n_outputs, n_vocab) view of the last decode's logits; valid until the next decode."""
         return np.ctypeslib.as_array(self._get_logits(self.ptr), shape=(n_outputs, n_vocab))
 
+    def row_logits(self, i_batch: int, n_vocab: int) -> np.ndarray:
+        """Zero-copy view of the logits of batch token ``i_batch``; valid until the next decode."""
+        return np.ctypeslib.as_array(lib().llama_get_logits_ith(self.ptr, i_batch), shape=(n_vocab,))
+
     def free_seq(self, seq: int) -> None:
         if self.ptr:
             lib().llama_memory_seq_rm(self.mem, seq, -1, -1)
@@ -269,6 +273,7 @@ class SamplerChain:
         L = lib()
         self.ptr = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
         self._sample = L.llama_sampler_sample
+        self._cands: Any = None  # candidates for ``pick`` (grammar-constrained requests only)
         add = lambda s: L.llama_sampler_chain_add(self.ptr, s)  # noqa: E731
         if p.greedy:
             if p.penalised:
@@ -289,6 +294,19 @@ class SamplerChain:
 
     def sample(self, ctx: LlamaContextHandle, i_batch: int) -> int:
         return int(self._sample(self.ptr, ctx.ptr, i_batch))
+
+    def pick(self, ids: np.ndarray, logits: np.ndarray) -> int:
+        """The chain's choice among these candidates, without accepting it (a grammar may still refuse it)."""
+        from .grammar import TokenArray
+
+        if self._cands is None or len(self._cands.buf) < len(ids):
+            self._cands = TokenArray(len(ids))
+        self._cands.load(ids, logits)
+        lib().llama_sampler_apply(self.ptr, self._cands.ptr)
+        return self._cands.selected_id()
+
+    def accept(self, tok: int) -> None:
+        lib().llama_sampler_accept(self.ptr, tok)
 
     def close(self) -> None:
         if self.ptr:

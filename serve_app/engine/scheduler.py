@@ -22,7 +22,14 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-from serve_app.errors import EngineDeadError, EngineError, KVCacheFullError, QueueFullError, ServeError
+from serve_app.errors import (
+    EngineDeadError,
+    EngineError,
+    InvalidRequestError,
+    KVCacheFullError,
+    QueueFullError,
+    ServeError,
+)
 from serve_app.protocol import ErrorEvent, Event, FinishReason
 
 from .batch import NpBatch
@@ -313,10 +320,14 @@ class Engine:
         self.steps += 1
         self.tokens_prompt += advance_positions(self._slots)
         greedy = greedy_tokens(self.ctx, self.model.n_vocab, with_logits)
-        toks = [s.gen.sample(self.ctx, s.i_batch) if s.gen and s.gen.sampler else int(greedy[j])
-                for j, s in enumerate(with_logits)]
+        toks = [s.gen.pick(self.ctx, s.i_batch, int(greedy[j])) if s.gen else -1 for j, s in enumerate(with_logits)]
         t2 = time.perf_counter()
         for s, tok in zip(with_logits, toks, strict=True):
+            if tok < 0:
+                self._finish_error(s, InvalidRequestError(
+                    "the grammar allows no token of this model's vocabulary at this point of the output",
+                    param="response_format"))
+                continue
             self._accept(s, tok, t2)
         return t1 - t0, t2 - t1
 

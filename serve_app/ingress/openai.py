@@ -23,7 +23,6 @@ from serve_app.protocol import (
     Embeddings,
     ErrorEvent,
     GenerateRequest,
-    Message,
     ModelInfo,
     TokenizeCall,
     openai_usage,
@@ -44,8 +43,10 @@ from serve_app.schemas import (
 
 from .embeddings import embedding_response, merge_infos
 from .failover import call_with_failover, open_stream
+from .logprobs import chat_logprobs, completion_logprobs
 from .models import ModelTable, Served
 from .sse import ChunkMaker, EventStream
+from .tools import chat_message, chat_messages, tool_fields
 
 log = logging.getLogger("ray.serve")
 
@@ -162,7 +163,7 @@ class OpenAIService:
     async def tokenize(self, body: Any) -> dict[str, Any]:
         req: TokenizeRequest = parse(TokenizeRequest, body)
         if req.messages is not None:
-            call = TokenizeCall(messages=_messages(req.messages), add_special=req.add_special)
+            call = TokenizeCall(messages=chat_messages(req.messages), add_special=req.add_special)
         else:
             call = TokenizeCall(text=req.content if req.content is not None else req.prompt,
                                 add_special=req.add_special)
@@ -180,8 +181,9 @@ class OpenAIService:
     async def chat(self, body: Any, request_id: str | None = None) -> Reply:
         req: ChatCompletionRequest = parse(ChatCompletionRequest, body)
         target = self.table.pick(req.model, "chat")
-        gen = GenerateRequest(label=request_id or response_id(CHAT), messages=_messages(req.messages),
-                              params=req.to_sampling_params(self.default_max_tokens), stream=req.stream)
+        gen = GenerateRequest(label=request_id or response_id(CHAT), messages=chat_messages(req.messages),
+                              params=req.to_sampling_params(self.default_max_tokens), stream=req.stream,
+                              **tool_fields(req))
         return await self._run(gen, chat=True, include_usage=req.include_usage, target=target)
 
     async def completions(self, body: Any, request_id: str | None = None) -> Reply:
@@ -213,10 +215,11 @@ class OpenAIService:
     def _full_response(self, rid: str, done: Done, chat: bool, model_id: str) -> dict[str, Any]:
         text = done.text or ""
         if chat:
-            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
-                                      "logprobs": None, "finish_reason": done.finish_reason}
+            choice: dict[str, Any] = {"index": 0, "message": chat_message(done),
+                                      "logprobs": chat_logprobs(done.logprobs), "finish_reason": done.finish_reason}
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": done.finish_reason}
+            choice = {"index": 0, "text": text, "logprobs": completion_logprobs(done.logprobs),
+                      "finish_reason": done.finish_reason}
         return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": now(),
                 "model": model_id, "choices": [choice], "usage": openai_usage(done.usage),
                 "timings": done.timings.model_dump()}
@@ -227,6 +230,3 @@ def _named(req: BaseModel) -> str | None:
     name = (req.model_extra or {}).get("model")
     return name if isinstance(name, str) else None
 
-
-def _messages(messages: list[Any]) -> tuple[Message, ...]:
-    return tuple(Message(role=m.role, content=m.text()) for m in messages)

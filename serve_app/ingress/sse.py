@@ -12,10 +12,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from serve_app.errors import EngineDeadError
-from serve_app.protocol import Delta, Done, ErrorEvent, Event, openai_usage
+from serve_app.protocol import Delta, Done, ErrorEvent, Event, TokenLogprob, openai_usage
 from serve_app.ray_errors import ray_failure
 
+from .logprobs import chat_logprobs, completion_logprobs
 from .replies import DONE, internal_error, sse, sse_error
+from .tools import call_deltas
 
 log = logging.getLogger("ray.serve")
 
@@ -27,14 +29,30 @@ class ChunkMaker:
         self.chat = chat
         self.head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                      "created": created, "model": model}
+        self.text_offset = 0  # completions' logprobs.text_offset runs over the whole output
 
-    def choice(self, text: str | None, finish: str | None, **extra: Any) -> dict[str, Any]:
+    def choice(self, text: str | None, finish: str | None, lps: list[TokenLogprob] | None = None,
+               **extra: Any) -> dict[str, Any]:
         if self.chat:
             delta: dict[str, Any] = {} if text is None else {"content": text}
-            c: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            c: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": chat_logprobs(lps), "finish_reason": finish}
         else:
-            c = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            logprobs = completion_logprobs(lps, self.text_offset)
+            self.text_offset += sum(len(lp.token) for lp in lps or ())
+            c = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
         return {**self.head, "choices": [c], **extra}
+
+    def delta(self, ev: Delta) -> dict[str, Any]:
+        """A chunk of text, or, in a chat, of content, reasoning and tool calls."""
+        if not self.chat or (not ev.reasoning and not ev.tool_calls):
+            return self.choice(ev.text, None, ev.logprobs)
+        chunk = self.choice(ev.text or None, None, ev.logprobs)
+        delta = chunk["choices"][0]["delta"]
+        if ev.reasoning:
+            delta["reasoning_content"] = ev.reasoning
+        if ev.tool_calls:
+            delta["tool_calls"] = call_deltas(ev.tool_calls)
+        return chunk
 
     def role(self) -> dict[str, Any]:
         return {**self.head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
@@ -58,8 +76,8 @@ class EventStream:
         ev: Event | None = self.first
         while ev is not None:
             if isinstance(ev, Delta):
-                if ev.text:
-                    yield sse(self.chunks.choice(ev.text, None))
+                if ev.text or ev.logprobs or ev.reasoning or ev.tool_calls:
+                    yield sse(self.chunks.delta(ev))
             elif isinstance(ev, Done):
                 yield sse(self.chunks.choice(None, ev.finish_reason, timings=ev.timings.model_dump()))
                 if self.include_usage:

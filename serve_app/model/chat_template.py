@@ -81,15 +81,20 @@ class ChatTemplate:
         except Exception as e:  # any failure of untrusted input to compile, RecursionError included
             raise InvalidRequestError(f"{self.origin} does not compile: {exception_line(e)}") from None
 
-    def render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-        """The prompt text. Blocking and bounded in time: call it from a worker thread, not an event loop."""
+    def render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
+               tools: list[dict[str, Any]] | None = None, variables: dict[str, Any] | None = None) -> str:
+        """The prompt text. Blocking and bounded in time: call it from a worker thread, not an event loop.
+        ``tools`` (OpenAI's function tools) is given to the template only when there are some: templates test
+        ``tools is defined`` / ``tools is not none`` to switch their tool prompt on. ``variables``: more
+        template variables (``enable_thinking``...); they never replace the ones above."""
         parts: list[str] = []
         size = 0
+        extra: dict[str, Any] = {**(variables or {}), **({"tools": tools} if tools else {})}
         try:
             with deadline(RENDER_TIMEOUT_S):
                 for piece in self._template.generate(
                         messages=list(messages), add_generation_prompt=add_generation_prompt,
-                        bos_token=self.bos_token, eos_token=self.eos_token):
+                        bos_token=self.bos_token, eos_token=self.eos_token, **extra):
                     size += len(piece)
                     if size > MAX_CHARS:
                         raise InvalidRequestError(f"the prompt rendered by {self.origin} is too large",

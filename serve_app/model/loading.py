@@ -135,7 +135,8 @@ class Loader:
             raise
         self.phases["load_s"] = time.perf_counter() - t
         template = await asyncio.to_thread(load_template, model, self.args.server.chat_template)
-        return Loaded(engine, model, report, PromptBuilder(model, template, engine.n_ctx_seq))
+        return Loaded(engine, model, report, PromptBuilder(model, template, engine.n_ctx_seq,
+                                                             self.args.server.reasoning_format))
 
     def check_engine(self) -> None:
         """Turn a dead engine into ``failed`` (so ``/ready`` says so at once) and a reason to restart."""

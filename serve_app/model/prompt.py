@@ -6,12 +6,17 @@ service runs it on worker threads, never on the replica's event loop.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from dataclasses import dataclass
 from typing import Protocol
 
+from serve_app.chat.formats import detect
+from serve_app.chat.output import ChatOutput
+from serve_app.chat.plan import plan_chat, template_message
 from serve_app.engine.generation import check_prompt_tokens
 from serve_app.errors import InvalidRequestError
-from serve_app.protocol import GenerateRequest, Message, SamplingParams
+from serve_app.protocol import GenerateRequest, Message, ReasoningFormat, SamplingParams
 
 from .chat_template import ChatTemplate
 
@@ -47,18 +52,59 @@ def load_template(model: Vocabulary, configured: str | None) -> ChatTemplate:
         return ChatTemplate(None, bos, eos, arch=arch)
 
 
+@dataclass
+class Prepared:
+    """A generation ready for the engine: its prompt, its params (grammar included), and the parsers for its
+    output (None: plain text)."""
+
+    tokens: list[int]
+    params: SamplingParams
+    output: ChatOutput | None = None
+
+
 class PromptBuilder:
-    def __init__(self, model: Vocabulary, template: ChatTemplate, n_ctx_seq: int) -> None:
+    def __init__(self, model: Vocabulary, template: ChatTemplate, n_ctx_seq: int,
+                 reasoning_format: ReasoningFormat = "auto") -> None:
         self.model = model
         self.template = template
         self.n_ctx_seq = n_ctx_seq
+        self.format = detect(template.source)  # the tool-call family and thinking, once per model
+        if not self._renders_system():
+            self.format = dataclasses.replace(self.format, system_role=False)
+        self.reasoning_format = reasoning_format
+
+    def _renders_system(self) -> bool:
+        try:
+            text = self.template.render([{"role": "system", "content": "\x01"}, {"role": "user", "content": "u"}])
+            return "\x01" in text
+        except InvalidRequestError:
+            return False
 
     def chat_tokens(self, messages: tuple[Message, ...]) -> list[int]:
-        text = self.template.render([m.model_dump() for m in messages], add_generation_prompt=True)
+        text = self.template.render([template_message(m) for m in messages], add_generation_prompt=True)
+        return self._tokens(text)
+
+    def _tokens(self, text: str) -> list[int]:
         # Templates usually write the BOS text themselves; adding another would double it.
         bos_text = self.template.bos_token
         add_special = self.model.add_bos and not (bos_text and text.startswith(bos_text))
         return self.model.tokenize(text, add_special=add_special, parse_special=True)
+
+    def prepare(self, req: GenerateRequest) -> Prepared:
+        """Prompt, params and output parsers of a generation, checked against the limits (raises before any
+        engine work). Chats get their tools, tool grammar and reasoning split here, where the template is known."""
+        if req.messages is None:
+            return Prepared(self.request_tokens(req), req.params)
+        plan = plan_chat(self.format, req, self.reasoning_format)
+        text = self.template.render(plan.messages, add_generation_prompt=True, tools=plan.tools,
+                                    variables=plan.variables)
+        tokens = self._tokens(text)
+        check_prompt_tokens(tokens, self.model, self.n_ctx_seq)
+        params = self.sampling(req)
+        grammar = plan.grammar(text)
+        if grammar != params.grammar:
+            params = params.model_copy(update={"grammar": grammar})
+        return Prepared(tokens, params, plan.output(text))
 
     def text_tokens(self, text: str, add_special: bool) -> list[int]:
         return self.model.tokenize(text, add_special, True)

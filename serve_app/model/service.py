@@ -15,9 +15,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from serve_app.chat.output import ChatOutput, gather_calls
 from serve_app.config import AppArgs
-from serve_app.engine import RequestStream, gpu_memory
-from serve_app.errors import EngineDeadError, NotReadyError, ServeError
+from serve_app.engine import GrammarSampler, RequestStream, compile_grammar, gpu_memory
+from serve_app.errors import EngineDeadError, InvalidRequestError, NotReadyError, ServeError
 from serve_app.metrics import ModelMetrics
 from serve_app.protocol import (
     Delta,
@@ -26,10 +27,12 @@ from serve_app.protocol import (
     ErrorEvent,
     Event,
     GenerateRequest,
+    GrammarSpec,
     ModelInfo,
     Text,
     TokenizeCall,
     Tokens,
+    ToolCallDelta,
 )
 
 from .loading import EngineFactory, FetchFile, Loaded, Loader, default_engine_factory
@@ -38,6 +41,7 @@ log = logging.getLogger("ray.serve")
 T = TypeVar("T")
 Admit = Callable[[RequestStream], Awaitable[ServeError | None]]
 PROMPT_THREADS = 2
+GRAMMAR_TIMEOUT_S = 5.0  # compiling a (size-bounded) schema takes milliseconds; a pathological one is refused
 
 
 class ModelService:
@@ -101,7 +105,7 @@ class ModelService:
         """The events of one request: ``Delta`` ... then ``Done`` or ``ErrorEvent`` (errors are values: they
         cross Ray without traceback wrapping). With ``req.stream`` False the text comes as one ``Delta``."""
         try:
-            stream = await self._start(req)
+            stream, output = await self._start(req)
         except ServeError as e:
             yield ErrorEvent(e)
             return
@@ -109,18 +113,40 @@ class ModelService:
             async for ev in stream.events():
                 if isinstance(ev, Done):
                     self._observe(ev)
+                if output is None:
+                    yield ev
+                    continue
+                # Chat output with tools or thinking: the text split into content, reasoning and tool calls.
+                if isinstance(ev, Delta):
+                    yield output.delta(ev)
+                    continue
+                if isinstance(ev, Done):
+                    last = output.final()
+                    if last is not None:
+                        yield last
+                    ev = output.done(ev)
                 yield ev
         finally:
             stream.close()
 
     async def complete(self, req: GenerateRequest) -> Done | ErrorEvent:
-        """Non-streaming: ``Done`` with the whole ``text``, or ``ErrorEvent``."""
+        """Non-streaming: ``Done`` with the whole ``text`` (and the reasoning and tool calls), or ``ErrorEvent``."""
         parts: list[str] = []
+        thoughts: list[str] = []
+        calls: list[ToolCallDelta] = []
+        lps = None
         async for ev in self.generate(req.model_copy(update={"stream": False})):
             if isinstance(ev, Delta):
                 parts.append(ev.text)
+                thoughts.append(ev.reasoning)
+                calls.extend(ev.tool_calls or ())
+                if ev.logprobs is not None:
+                    lps = [*(lps or []), *ev.logprobs]
             elif isinstance(ev, Done):
                 ev.text = "".join(parts)
+                ev.reasoning = "".join(thoughts) or None
+                ev.tool_calls = gather_calls(calls) or None
+                ev.logprobs = lps
                 return ev
             else:
                 return ev
@@ -157,10 +183,12 @@ class ModelService:
     async def _off_loop(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
-    async def _start(self, req: GenerateRequest) -> RequestStream:
+    async def _start(self, req: GenerateRequest) -> tuple[RequestStream, ChatOutput | None]:
         loaded = self._ready()
-        tokens = await self._off_loop(loaded.prompts.request_tokens, req)
-        rs = RequestStream(req.label, tokens, loaded.prompts.sampling(req), stream=req.stream)
+        prep = await self._off_loop(loaded.prompts.prepare, req)
+        spec = prep.params.grammar
+        grammar = await self._grammar(spec, loaded) if spec is not None else None
+        rs = RequestStream(req.label, prep.tokens, prep.params, stream=req.stream, grammar=grammar)
         try:
             if self.batched_admit is not None:
                 err = await self.batched_admit(rs)
@@ -175,7 +203,18 @@ class ModelService:
             rs.bind(loaded.engine)
             raise
         rs.bind(loaded.engine)
-        return rs
+        return rs, prep.output
+
+    async def _grammar(self, spec: GrammarSpec, loaded: Loaded) -> GrammarSampler:
+        """The request's grammar (response_format, or the tool calls' the prompt builder made), compiled (or found
+        in the cache) and validated on a worker thread, before any slot is taken: a bad one is a 400 here."""
+        try:
+            grammar: GrammarSampler = await asyncio.wait_for(self._off_loop(compile_grammar, spec, loaded.model),
+                                                             GRAMMAR_TIMEOUT_S)
+        except TimeoutError:
+            raise InvalidRequestError(f"the grammar did not compile within {GRAMMAR_TIMEOUT_S:.0f} s; send a "
+                                      f"simpler schema", param="response_format") from None
+        return grammar
 
     def submit_together(self, streams: list[RequestStream]) -> list[ServeError | None]:
         """Admit ``streams`` in one engine command (their prompts then prefill in one step); when they do not all

@@ -1,0 +1,68 @@
+"""Splitting a reasoning model's ``<think>...</think>`` from its answer, incrementally.
+
+The thinking is the text between ``<think>`` and ``</think>`` at the start of the output, or, when the template
+opened ``<think>`` in the generation prompt (DeepSeek-R1 distills), everything up to ``</think>``. An unclosed
+block (the budget ran out mid-thought) is all reasoning, as llama-server reports it. Pure.
+"""
+
+from __future__ import annotations
+
+OPEN, CLOSE = "<think>", "</think>"
+
+
+class ThinkSplitter:
+    def __init__(self, opened: bool) -> None:
+        self.state = "thinking" if opened else "start"
+        self.buf = ""
+        self.started = False  # some reasoning went out already
+
+    def _trim(self, reasoning: str) -> str:
+        # Models write "<think>\n": the newline opening the thoughts is not part of them.
+        if not self.started:
+            reasoning = reasoning.lstrip()
+            self.started = bool(reasoning)
+        return reasoning
+
+    def feed(self, text: str) -> tuple[str, str]:
+        """(reasoning, content) settled by this text."""
+        self.buf += text
+        return self._scan(final=False)
+
+    def finish(self) -> tuple[str, str]:
+        return self._scan(final=True)
+
+    def _scan(self, final: bool) -> tuple[str, str]:
+        reasoning = content = ""
+        if self.state == "start":
+            head = self.buf.lstrip()
+            if head.startswith(OPEN):
+                self.state, self.buf = "thinking", head[len(OPEN):]
+            elif OPEN.startswith(head) and not final:
+                return "", ""  # maybe the start of <think>: wait
+            else:
+                self.state = "content"
+        if self.state == "thinking":
+            at = self.buf.find(CLOSE)
+            if at >= 0:
+                reasoning, self.buf = self.buf[:at], self.buf[at + len(CLOSE):].lstrip()
+                self.state = "after"
+            else:
+                hold = 0 if final else _held(self.buf)
+                reasoning, self.buf = self.buf[:len(self.buf) - hold], self.buf[len(self.buf) - hold:]
+                return self._trim(reasoning), ""
+        if self.state == "after":
+            # The whitespace right after </think> is layout, not answer: drop it even when it streams separately.
+            self.buf = self.buf.lstrip()
+            if self.buf:
+                self.state = "content"
+        if self.state == "content":
+            content, self.buf = self.buf, ""
+        return self._trim(reasoning), content
+
+
+def _held(text: str) -> int:
+    for n in range(min(len(CLOSE) - 1, len(text)), 0, -1):
+        if text.endswith(CLOSE[:n]):
+            return n
+    return 0
+
