@@ -29,7 +29,9 @@ import numpy as np
 from serve_app.errors import InvalidRequestError
 from serve_app.protocol import GrammarSpec
 
+from .lazy import TriggerWatch
 from .llama import lib
+from .utf8mask import Utf8Table
 
 if TYPE_CHECKING:
     from .llama import LlamaModelHandle, SamplerChain
@@ -297,11 +299,14 @@ class GrammarSampler:
 
     full_mask_always = False  # the slow reference path (the benchmark compares the two); never set in service
 
-    def __init__(self, ptr: Any, n_vocab: int, lazy: bool) -> None:
+    def __init__(self, ptr: Any, n_vocab: int, utf8: Utf8Table, watch: TriggerWatch | None = None) -> None:
         L = lib()
         self.ptr = ptr
         self.n_vocab = n_vocab
-        self.lazy = lazy
+        self.utf8 = utf8
+        self.utf8_state = 0  # where a UTF-8 decoder of the output stands (utf8mask)
+        self.lazy = watch is not None
+        self.watch = watch  # a lazy grammar's trigger, until it fires
         self._apply, self._accept = L.llama_sampler_apply, L.llama_sampler_accept
         self._one = TokenArray(1)
         self._full: TokenArray | None = None
@@ -312,7 +317,7 @@ class GrammarSampler:
     def allows(self, tok: int) -> bool:
         self._one.load(np.array([tok], np.int32), np.zeros(1, np.float32))
         self._apply(self.ptr, self._one.ptr)
-        return bool(np.isfinite(self._one.buf["logit"][0]))
+        return bool(np.isfinite(self._one.buf["logit"][0])) and self.utf8.ok(self.utf8_state, tok)
 
     def allowed(self, row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The full mask: the ids the grammar allows here and their logits."""
@@ -324,13 +329,15 @@ class GrammarSampler:
         self._apply(self.ptr, self._full.ptr)
         self.full_masks += 1
         logits = self._full.buf["logit"]
-        keep = np.isfinite(logits)
+        keep = np.isfinite(logits) & self.utf8.mask(self.utf8_state, self._ids)
         return self._ids[keep], logits[keep].copy()
 
     def choose(self, row: np.ndarray, chain: SamplerChain | None, first: int) -> int:
         """The next token: ``first`` (the greedy pick; ignored with a sampler chain) when the grammar allows it,
         else the best the grammar allows. -1 when the grammar allows no token of this vocabulary. The chain (if
         any) accepts the final token; the grammar does not (``accept``)."""
+        if self.watch is not None and not self.watch.fired:
+            return self._choose_free(row, chain, first)
         tok = -1
         if not self.full_mask_always:
             tok = chain.pick(np.arange(len(row), dtype=np.int32), row) if chain is not None else first
@@ -345,7 +352,30 @@ class GrammarSampler:
             chain.accept(tok)
         return tok
 
+    def _choose_free(self, row: np.ndarray, chain: SamplerChain | None, first: int) -> int:
+        """Before a lazy grammar's trigger: the sampler's own pick, unless it would start the grammar on text the
+        grammar refuses (see ``lazy``); then the next best, and as a last resort any token that does not."""
+        assert self.watch is not None
+        ids = np.arange(len(row), dtype=np.int32)
+        tok = chain.pick(ids, row) if chain is not None else first
+        if self.watch.completes_badly(tok):
+            row = row.copy()
+            for _ in range(16):
+                row[tok] = -np.inf
+                tok = chain.pick(ids, row) if chain is not None else int(np.argmax(row))
+                if not self.watch.completes_badly(tok):
+                    break
+            else:
+                ok = [t for t in np.argsort(-row) if np.isfinite(row[t]) and not self.watch.completes_badly(int(t))]
+                tok = int(ok[0]) if ok else -1
+        if chain is not None and tok >= 0:
+            chain.accept(tok)
+        return tok
+
     def accept(self, tok: int) -> None:
+        if self.watch is not None and not self.watch.fired:
+            self.watch.push(tok)
+        self.utf8_state = self.utf8.next(self.utf8_state, tok)
         self._accept(self.ptr, tok)
 
     def close(self) -> None:
@@ -356,6 +386,10 @@ def compile_grammar(spec: GrammarSpec, model: LlamaModelHandle) -> GrammarSample
     """A fresh grammar state for one request (blocking: run it off the event loop, before taking a slot); raises
     ``InvalidRequestError`` for a spec that does not compile or that llama.cpp refuses."""
     text = CACHE.get(spec)
+    if spec.triggers and not all(spec.prefix.startswith(t) for t in spec.triggers):
+        # The grammar is fed the text from the trigger on: it can only take it if its literal prefix starts so.
+        raise InvalidRequestError("a lazy grammar's prefix must start with each of its trigger texts",
+                                  param=_param(spec))
     L = lib()
     if text.patterns:
         pats = (ctypes.c_char_p * len(text.patterns))(*[p.encode() for p in text.patterns])
@@ -368,4 +402,19 @@ def compile_grammar(spec: GrammarSpec, model: LlamaModelHandle) -> GrammarSample
         raise InvalidRequestError(
             f"the {what} does not parse (llama.cpp refused it: a syntax error, an undefined rule, a missing "
             f"'root' rule or left recursion)", param=_param(spec))
-    return GrammarSampler(ptr, model.n_vocab, lazy=bool(text.patterns))
+    watch = TriggerWatch(spec.triggers, spec.prefix, lambda t: model.piece(t, special=True)) if spec.triggers \
+        else None
+    return GrammarSampler(ptr, model.n_vocab, utf8_table(model), watch)
+
+
+_tables: weakref.WeakKeyDictionary[Any, Utf8Table] = weakref.WeakKeyDictionary()
+_tables_lock = threading.Lock()
+
+
+def utf8_table(model: LlamaModelHandle) -> Utf8Table:
+    """The model's table, built by the first grammar request (on a worker thread) and shared after."""
+    with _tables_lock:
+        table = _tables.get(model)
+        if table is None:
+            table = _tables[model] = Utf8Table(model.n_vocab, lambda t: model.piece(t, special=True))
+        return table
