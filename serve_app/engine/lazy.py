@@ -39,4 +39,4 @@ class TriggerWatch:
             self.fired = True
             return
         buf = self.tail + self.piece(tok)
-        self.tail = buf[len(buf) - self.keep:] if self.keep else b""
+        self.tail = buf[max(0, len(buf) - self.keep):] if self.keep else b""
