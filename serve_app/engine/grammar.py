@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 MAX_SCHEMA_CHARS = 64 * 1024  # a JSON schema's serialised size
 MAX_GBNF_CHARS = 128 * 1024  # a grammar's size, given or converted: bounds llama.cpp's parse and stack building
 CACHE_SIZE = 256
+PREFILTER, PREFILTER_MIN = 4, 64  # a refused pick is first looked for among the row's best tokens (``allowed``)
 MAX_NESTING = 64  # llama.cpp parses groups recursively: a deeper grammar could overflow the replica's stack
 ROOT = "root"
 # JSON-schema keywords the converter silently ignores: a schema that uses one would not be enforced, so it is
@@ -297,7 +298,7 @@ class GrammarSampler:
     Owned by one request: built on a worker thread at compile time, then used only by the engine thread. Freed by
     ``close`` or, for a request that never ran (cancelled in the queue), when it is collected."""
 
-    full_mask_always = False  # the slow reference path (the benchmark compares the two); never set in service
+    full_mask_always = False  # the reference path, every row masked in full (the benchmark compares); never in service
 
     def __init__(self, ptr: Any, n_vocab: int, utf8: Utf8Table, watch: TriggerWatch | None = None) -> None:
         L = lib()
@@ -311,7 +312,7 @@ class GrammarSampler:
         self._one = TokenArray(1)
         self._full: TokenArray | None = None
         self._ids: np.ndarray | None = None
-        self.full_masks = 0  # rows the full mask was applied to (the slow path)
+        self.full_masks = 0  # rows the sampler's pick was refused on (masked: prefiltered or in full)
         self._free = weakref.finalize(self, L.llama_sampler_free, ptr)
 
     def allows(self, tok: int) -> bool:
@@ -319,18 +320,42 @@ class GrammarSampler:
         self._apply(self.ptr, self._one.ptr)
         return bool(np.isfinite(self._one.buf["logit"][0])) and self.utf8.ok(self.utf8_state, tok)
 
-    def allowed(self, row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The full mask: the ids the grammar allows here and their logits."""
-        if self._full is None:
-            self._full = TokenArray(self.n_vocab)
-            self._ids = np.arange(self.n_vocab, dtype=np.int32)
-        assert self._ids is not None
-        self._full.load(self._ids, row)
-        self._apply(self.ptr, self._full.ptr)
+    def _mask(self, ids: np.ndarray, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        arr = self._full
+        if arr is None or len(arr.buf) < len(ids):
+            arr = self._full = TokenArray(max(len(ids), 1))
+        arr.load(ids, logits)
+        self._apply(self.ptr, arr.ptr)
+        out = arr.buf["logit"][:len(ids)]
+        keep = np.isfinite(out) & self.utf8.mask(self.utf8_state, ids)
+        return ids[keep], out[keep].copy()
+
+    def allowed(self, row: np.ndarray, need: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """The ids the grammar allows here and their logits: all of them (``need`` 0), or at least the ``need``
+        most likely. Those are found among the row's best ``PREFILTER x need`` tokens when that many are allowed
+        there, which gives exactly the sampler's choice (greedy, or a chain that starts with top-k) at a fraction
+        of the full mask's cost; otherwise the full mask."""
         self.full_masks += 1
-        logits = self._full.buf["logit"]
-        keep = np.isfinite(logits) & self.utf8.mask(self.utf8_state, self._ids)
-        return self._ids[keep], logits[keep].copy()
+        if need > 0 and not self.full_mask_always:
+            k = max(PREFILTER_MIN, PREFILTER * need)
+            if k < len(row):
+                top = np.argpartition(row, len(row) - k)[len(row) - k:].astype(np.int32)
+                ids, logits = self._mask(top, row[top])
+                if len(ids) >= need:
+                    return ids, logits
+        if self.full_mask_always:
+            if self._ids is None:
+                self._ids = np.arange(self.n_vocab, dtype=np.int32)
+            return self._mask(self._ids, row)
+        # A token is only allowed if its first byte is: ask the grammar about one single-byte token per first byte
+        # (at most 256), then about the tokens that start with an allowed one. Exact (a superset goes to the grammar)
+        # and, where few bytes may come next (JSON punctuation, a string's closing quote), a small fraction of it.
+        reps = self.utf8.byte_token[~self.utf8.unrepresented]
+        ok_reps, _ = self._mask(reps, np.zeros(len(reps), np.float32))
+        ok_first = np.zeros(256, dtype=bool)
+        ok_first[self.utf8.first_byte[ok_reps]] = True
+        cands = self.utf8.candidates(ok_first)
+        return self._mask(cands, row[cands])
 
     def choose(self, row: np.ndarray, chain: SamplerChain | None, first: int) -> int:
         """The next token: ``first`` (the greedy pick; ignored with a sampler chain) when the grammar allows it,
@@ -344,7 +369,7 @@ class GrammarSampler:
             if not self.allows(tok):
                 tok = -1
         if tok < 0:
-            ids, logits = self.allowed(row)
+            ids, logits = self.allowed(row, need=chain.top_k if chain is not None else 1)
             if not len(ids):
                 return -1
             tok = chain.pick(ids, logits) if chain is not None else int(ids[np.argmax(logits)])
@@ -416,5 +441,5 @@ def utf8_table(model: LlamaModelHandle) -> Utf8Table:
     with _tables_lock:
         table = _tables.get(model)
         if table is None:
-            table = _tables[model] = Utf8Table(model.n_vocab, lambda t: model.piece(t, special=True))
+            table = _tables[model] = Utf8Table(model.n_vocab, lambda t: model.piece(t, special=True), model.is_eog)
         return table

@@ -47,18 +47,40 @@ def _advance(piece: bytes, state: int) -> int:
 
 
 class Utf8Table:
-    """``after[state, tok]``: the state once ``tok`` follows, -1 where it breaks UTF-8."""
+    """Per token of a vocabulary: ``after[state, tok]``, the UTF-8 state once ``tok`` follows (-1 where it breaks
+    UTF-8); ``first_byte[tok]`` (-1: an empty piece); ``byte_token[b]``, a token whose piece is the one byte ``b``
+    (-1: none); ``eog``, the end-of-generation tokens."""
 
-    def __init__(self, n_vocab: int, piece: Callable[[int], bytes]) -> None:
+    def __init__(self, n_vocab: int, piece: Callable[[int], bytes],
+                 is_eog: Callable[[int], bool] = lambda _t: False) -> None:
         after = np.full((N_STATES, n_vocab), -1, dtype=np.int8)
+        self.first_byte = np.full(n_vocab, -1, dtype=np.int16)
+        self.byte_token = np.full(256, -1, dtype=np.int32)
+        eog = []
         for tok in range(n_vocab):
             p = piece(tok)
+            if is_eog(tok):
+                eog.append(tok)
+            elif p:
+                self.first_byte[tok] = p[0]
+                if len(p) == 1 and self.byte_token[p[0]] < 0:
+                    self.byte_token[p[0]] = tok
             if p.isascii():
                 after[0, tok] = 0  # owing nothing, ASCII keeps owing nothing; owing bytes, it breaks
                 continue
             for state in range(N_STATES):
                 after[state, tok] = _advance(p, state)
         self.after = after
+        self.eog = np.array(eog, dtype=np.int32)
+        # First bytes no single-byte token stands for: their tokens are always candidates (see ``candidates``).
+        self.unrepresented = self.byte_token < 0
+
+    def candidates(self, ok_first: np.ndarray) -> np.ndarray:
+        """Tokens that could be allowed when ``ok_first`` (a bool per byte) are the first bytes the grammar
+        takes: those starting with one of them or with a byte no single-byte token stands for, and EOG."""
+        first = ok_first | self.unrepresented
+        ids = np.flatnonzero((self.first_byte >= 0) & first[np.maximum(self.first_byte, 0)]).astype(np.int32)
+        return np.concatenate([ids, self.eog])
 
     def ok(self, state: int, tok: int) -> bool:
         return bool(self.after[state, tok] >= 0)
