@@ -312,6 +312,7 @@ class GrammarSampler:
         self._one = TokenArray(1)
         self._full: TokenArray | None = None
         self._ids: np.ndarray | None = None
+        self._reps: TokenArray | None = None
         self.full_masks = 0  # rows the sampler's pick was refused on (masked: prefiltered or in full)
         self._free = weakref.finalize(self, L.llama_sampler_free, ptr)
 
@@ -350,12 +351,32 @@ class GrammarSampler:
         # A token is only allowed if its first byte is: ask the grammar about one single-byte token per first byte
         # (at most 256), then about the tokens that start with an allowed one. Exact (a superset goes to the grammar)
         # and, where few bytes may come next (JSON punctuation, a string's closing quote), a small fraction of it.
-        reps = self.utf8.byte_token[~self.utf8.unrepresented]
-        ok_reps, _ = self._mask(reps, np.zeros(len(reps), np.float32))
-        ok_first = np.zeros(256, dtype=bool)
-        ok_first[self.utf8.first_byte[ok_reps]] = True
-        cands = self.utf8.candidates(ok_first)
+        t = self.utf8
+        ok_first = self._ok_bytes(self.ptr)
+        ok_second = None
+        if t.common_first >= 0 and ok_first[t.common_first]:
+            # Most pieces start with this byte (a space) and the grammar takes it here: ask a copy of the grammar,
+            # one byte further on, which bytes may follow it.
+            probe = lib().llama_sampler_clone(self.ptr)
+            try:
+                self._accept(probe, int(t.byte_token[t.common_first]))
+                ok_second = self._ok_bytes(probe)
+            finally:
+                lib().llama_sampler_free(probe)
+        cands = t.candidates(ok_first, ok_second)
         return self._mask(cands, row[cands])
+
+    def _ok_bytes(self, grammar: Any) -> np.ndarray:
+        """The bytes ``grammar`` takes next, asked of one single-byte token each."""
+        t = self.utf8
+        reps = t.byte_token[~t.unrepresented]
+        arr = self._reps = self._reps if self._reps is not None else TokenArray(256)
+        arr.load(reps, np.zeros(len(reps), np.float32))
+        self._apply(grammar, arr.ptr)
+        ok = np.isfinite(arr.buf["logit"][:len(reps)]) & t.mask(self.utf8_state if grammar is self.ptr else 0, reps)
+        out = np.zeros(256, dtype=bool)
+        out[t.first_byte[reps[ok]]] = True
+        return out
 
     def choose(self, row: np.ndarray, chain: SamplerChain | None, first: int) -> int:
         """The next token: ``first`` (the greedy pick; ignored with a sampler chain) when the grammar allows it,

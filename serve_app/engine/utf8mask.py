@@ -55,6 +55,7 @@ class Utf8Table:
                  is_eog: Callable[[int], bool] = lambda _t: False) -> None:
         after = np.full((N_STATES, n_vocab), -1, dtype=np.int8)
         self.first_byte = np.full(n_vocab, -1, dtype=np.int16)
+        self.second_byte = np.full(n_vocab, -1, dtype=np.int16)  # -1: a piece of one byte (or none)
         self.byte_token = np.full(256, -1, dtype=np.int32)
         eog = []
         for tok in range(n_vocab):
@@ -63,6 +64,8 @@ class Utf8Table:
                 eog.append(tok)
             elif p:
                 self.first_byte[tok] = p[0]
+                if len(p) > 1:
+                    self.second_byte[tok] = p[1]
                 if len(p) == 1 and self.byte_token[p[0]] < 0:
                     self.byte_token[p[0]] = tok
             if p.isascii():
@@ -74,13 +77,22 @@ class Utf8Table:
         self.eog = np.array(eog, dtype=np.int32)
         # First bytes no single-byte token stands for: their tokens are always candidates (see ``candidates``).
         self.unrepresented = self.byte_token < 0
+        # The first byte most pieces share (a space, in most vocabularies): its class is split by the second byte.
+        counts = np.bincount(self.first_byte[self.first_byte >= 0], minlength=256)
+        top = int(np.argmax(counts))
+        self.common_first = top if counts[top] * 4 > n_vocab and top < 0x80 and self.byte_token[top] >= 0 else -1
 
-    def candidates(self, ok_first: np.ndarray) -> np.ndarray:
+    def candidates(self, ok_first: np.ndarray, ok_second: np.ndarray | None = None) -> np.ndarray:
         """Tokens that could be allowed when ``ok_first`` (a bool per byte) are the first bytes the grammar
-        takes: those starting with one of them or with a byte no single-byte token stands for, and EOG."""
+        takes (and ``ok_second`` the bytes it takes after ``common_first``): those starting so, or with bytes no
+        single-byte token stands for, and EOG."""
         first = ok_first | self.unrepresented
-        ids = np.flatnonzero((self.first_byte >= 0) & first[np.maximum(self.first_byte, 0)]).astype(np.int32)
-        return np.concatenate([ids, self.eog])
+        keep = (self.first_byte >= 0) & first[np.maximum(self.first_byte, 0)]
+        if ok_second is not None:
+            second = ok_second | self.unrepresented
+            split = self.first_byte == self.common_first
+            keep &= ~split | (self.second_byte < 0) | second[np.maximum(self.second_byte, 0)]
+        return np.concatenate([np.flatnonzero(keep).astype(np.int32), self.eog])
 
     def ok(self, state: int, tok: int) -> bool:
         return bool(self.after[state, tok] >= 0)
