@@ -11,7 +11,8 @@ HTTP), side by side in one process on one model with a 32,000-token vocabulary:
 Greedy; every request runs to max_tokens (the schema is an array of at least 100 objects, so it never completes
 first). Workloads interleave, the order rotated each repetition, best of ``BENCH_REPS``: this VM's speed drifts
 between minutes, so only figures taken side by side compare. A random-weight model is the grammar's worst case (it
-agrees with the grammar only by chance, so sample-first falls back to the full mask often: ``full_mask_share``);
+agrees with the grammar only by chance, so most of its picks are refused and masked: ``full_mask_share``, the share
+refused, each then masked over an exact prefilter rather than the whole vocabulary);
 a trained model is refused far less often. Also: the first compile of the schema (the JSON-schema conversion, the
 per-model UTF-8 table and llama.cpp's parse) and a cached compile. Prints one JSON object.
 
