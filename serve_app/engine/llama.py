@@ -275,9 +275,11 @@ class SamplerChain:
         self._sample = L.llama_sampler_sample
         self._cands: Any = None  # candidates for ``pick`` (grammar-constrained requests only)
         add = lambda s: L.llama_sampler_chain_add(self.ptr, s)  # noqa: E731
+        # The chain's first cut: it only ever looks at the ``top_k`` most likely tokens (0: at all of them).
+        self.top_k = (max(p.top_k, 64) if p.top_k else 64) if p.greedy else p.top_k
         if p.greedy:
             if p.penalised:
-                add(L.llama_sampler_init_top_k(max(p.top_k, 64) if p.top_k else 64))
+                add(L.llama_sampler_init_top_k(self.top_k))
                 add(L.llama_sampler_init_penalties(model.n_vocab, p.repeat_last_n, p.repeat_penalty,
                                                    p.frequency_penalty, p.presence_penalty))
             add(L.llama_sampler_init_greedy())

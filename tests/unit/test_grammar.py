@@ -20,6 +20,8 @@ from serve_app.engine.grammar import (
     spec_to_text,
     trigger_pattern,
 )
+from serve_app.engine.lazy import TriggerWatch
+from serve_app.engine.utf8mask import Utf8Table
 from serve_app.errors import InvalidRequestError
 from serve_app.ingress.logprobs import chat_logprobs, completion_logprobs
 from serve_app.protocol import GrammarSpec, TokenLogprob
@@ -152,3 +154,31 @@ def test_logprob_shapes() -> None:
     assert comp == {"tokens": ["ab", "é"], "token_logprobs": [-0.5, -0.1],
                     "top_logprobs": [{"ab": -0.5, "c": -1.5}, {}], "text_offset": [4, 6]}
     assert chat_logprobs(None) is None and completion_logprobs(None) is None
+
+
+def test_trigger_watch_refuses_tokens_that_run_past_the_prefix() -> None:
+    pieces = {0: b"say ", 1: b"<tool", 2: b"_call>", 3: b"_call>{", 4: b"_call>\n", 5: b"<tool_call>\n{x"}
+    w = TriggerWatch(("<tool_call>",), "<tool_call>\n", pieces.__getitem__)
+    w.push(0)
+    assert not w.completes_badly(1)
+    w.push(1)
+    assert [w.completes_badly(t) for t in (2, 3, 4, 5)] == [False, True, False, True]
+    assert not w.fired and len(w.tail) <= len("<tool_call>") - 1
+    w.push(4)
+    assert w.fired
+
+
+def test_utf8_table_matches_pythons_decoder() -> None:
+    pieces = [b"a", b"\xc3", b"\xa9", b"\xf4\x9b", b"\xf4\x8f", b"\xbf\xbf", b"\xed\xa0", b"\xe2\x82\xac", b"\xff"]
+    t = Utf8Table(len(pieces), pieces.__getitem__)
+    for seq in ([1, 2], [1, 0], [3], [4, 5], [6], [7, 0], [8], [2], [1, 1]):
+        state, ok = 0, True
+        for tok in seq:
+            ok = ok and t.ok(state, tok)
+            state = t.next(state, tok)
+        try:
+            b"".join(pieces[i] for i in seq).decode("utf-8")
+            valid = True
+        except UnicodeDecodeError:
+            valid = False
+        assert ok == valid and (state == 0 or not valid), seq
