@@ -432,10 +432,9 @@ def compile_grammar(spec: GrammarSpec, model: LlamaModelHandle) -> GrammarSample
     """A fresh grammar state for one request (blocking: run it off the event loop, before taking a slot); raises
     ``InvalidRequestError`` for a spec that does not compile or that llama.cpp refuses."""
     text = CACHE.get(spec)
-    if spec.triggers and not all(spec.prefix.startswith(t) for t in spec.triggers):
-        # The grammar is fed the text from the trigger on: it can only take it if its literal prefix starts so.
-        raise InvalidRequestError("a lazy grammar's prefix must start with each of its trigger texts",
-                                  param=_param(spec))
+    loose = tuple(t for t in spec.triggers if not spec.prefix.startswith(t))
+    if loose:
+        _check_takes_triggers(spec, text, loose, model)
     L = lib()
     if text.patterns:
         pats = (ctypes.c_char_p * len(text.patterns))(*[p.encode() for p in text.patterns])
@@ -451,6 +450,48 @@ def compile_grammar(spec: GrammarSpec, model: LlamaModelHandle) -> GrammarSample
     watch = TriggerWatch(spec.triggers, spec.prefix, lambda t: model.piece(t, special=True)) if spec.triggers \
         else None
     return GrammarSampler(ptr, model.n_vocab, utf8_table(model), watch)
+
+
+def _check_takes_triggers(spec: GrammarSpec, text: GrammarText, triggers: tuple[str, ...],
+                          model: LlamaModelHandle) -> None:
+    """The grammar is fed the text from a trigger on, and llama.cpp aborts the process on text it refuses: a trigger
+    that the literal prefix does not start with must be text the grammar itself takes from its start (checked here,
+    token by token on a fresh state, never accepting a refused token)."""
+    L = lib()
+    for trig in triggers:
+        ptr = L.llama_sampler_init_grammar(model.vocab, text.gbnf.encode(), ROOT.encode())
+        if not ptr:
+            raise InvalidRequestError("the grammar does not parse (llama.cpp refused it)", param=_param(spec))
+        probe = GrammarSampler(ptr, model.n_vocab, utf8_table(model))
+        try:
+            spelled = _spelled(trig, model)
+            for tok in spelled or [None]:
+                if tok is None or not probe.allows(tok):
+                    raise InvalidRequestError(
+                        f"the lazy grammar cannot start with its trigger {trig!r}: give a prefix that starts with "
+                        f"the trigger, or a grammar whose text starts with it", param=_param(spec))
+                probe.accept(tok)
+        finally:
+            probe.close()
+
+
+def _spelled(text: str, model: LlamaModelHandle) -> list[int]:
+    """Tokens whose pieces join to exactly ``text``: a SentencePiece vocabulary prepends a space to a text tokenized
+    on its own, which the grammar would see as output. Character by character when the whole does not come out
+    exact; an empty list (nothing can be checked, so the caller refuses) when neither does."""
+    def exact(t: str) -> list[int] | None:
+        toks = model.tokenize(t, add_special=False, parse_special=True)
+        while toks and b"".join(model.piece(x, special=True) for x in toks) != t.encode():
+            if model.piece(toks[0], special=True).strip():
+                return None
+            toks = toks[1:]
+        return toks or None
+
+    whole = exact(text)
+    if whole is not None:
+        return whole
+    chars = [exact(c) for c in text]
+    return [] if any(c is None for c in chars) else [x for c in chars for x in c or ()]
 
 
 _tables: weakref.WeakKeyDictionary[Any, Utf8Table] = weakref.WeakKeyDictionary()

@@ -4,7 +4,9 @@ llama.cpp's lazy grammar buffers the free text and, on the token that completes 
 the trigger's start into the grammar. A token whose piece runs past the trigger into text the grammar refuses makes
 llama.cpp throw inside the C API, which aborts the process. So the engine asks ``completes_badly`` before it lets a
 free token through: a token that completes a trigger must leave text that is the start of the grammar's literal
-prefix (which begins with the trigger). No llama.cpp here.
+prefix when the prefix begins with that trigger; a trigger that is instead the start of the grammar's own text (a
+JSON call's ``{"name"``, checked against the grammar when it is compiled) must end exactly where the token ends.
+No llama.cpp here.
 """
 
 from __future__ import annotations
@@ -32,7 +34,12 @@ class TriggerWatch:
 
     def completes_badly(self, tok: int) -> bool:
         fed = self._match(tok)
-        return fed is not None and not self.prefix.startswith(fed)
+        if fed is None:
+            return False
+        for t in self.triggers:
+            if fed.startswith(t) and (self.prefix.startswith(fed) if self.prefix.startswith(t) else fed == t):
+                return False
+        return True
 
     def push(self, tok: int) -> None:
         if self._match(tok) is not None:

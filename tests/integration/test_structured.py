@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from serve_app.config import EngineConfig
 from serve_app.engine import GrammarSampler, compile_grammar, load_engine, open_stream
+from serve_app.errors import InvalidRequestError
 from serve_app.protocol import Delta, Done, GrammarSpec, SamplingParams, TokenLogprob
 from serve_app.runpod.input import normalise
 from serve_app.schemas import ChatCompletionRequest
@@ -125,6 +126,12 @@ def test_lazy_grammar_applies_from_its_trigger(loaded) -> None:
     spec = GrammarSpec(json_schema=SCHEMA, prefix=short + "\n", triggers=(short,))
     text, done, _ = asyncio.run(run(loaded, SamplingParams(max_tokens=60, temperature=0), spec))
     assert text.startswith(free[:offset]) and not text.startswith(head)
+    # A trigger that is the start of the grammar's own text (a JSON call's '{"name"', no literal prefix) is taken;
+    # one the grammar could not take from its start is refused before anything runs (llama.cpp would abort on it).
+    call = {"type": "object", "properties": {"name": {"const": "f"}}, "required": ["name"]}
+    compile_grammar(GrammarSpec(json_schema=call, triggers=('{"name"',)), loaded[1]).close()
+    with pytest.raises(InvalidRequestError, match="cannot start with its trigger"):
+        compile_grammar(GrammarSpec(json_schema=call, triggers=("<call>",)), loaded[1])
 
 
 def test_logprobs_are_the_models_distribution(loaded) -> None:

@@ -168,6 +168,16 @@ def test_trigger_watch_refuses_tokens_that_run_past_the_prefix() -> None:
     assert w.fired
 
 
+def test_trigger_that_starts_the_grammars_own_text_must_end_with_its_token() -> None:
+    # A JSON call's trigger ('{"name"') with no literal prefix: the token completing it may not run past it.
+    pieces = {0: b"ok ", 1: b'{"', 2: b'name"', 3: b'name":', 4: b'{"name"'}
+    w = TriggerWatch(('{"name"',), "", pieces.__getitem__)
+    w.push(0)
+    assert [w.completes_badly(t) for t in (1, 4)] == [False, False]
+    w.push(1)
+    assert [w.completes_badly(t) for t in (2, 3)] == [False, True]
+
+
 def test_utf8_table_matches_pythons_decoder() -> None:
     pieces = [b"a", b"\xc3", b"\xa9", b"\xf4\x9b", b"\xf4\x8f", b"\xbf\xbf", b"\xed\xa0", b"\xe2\x82\xac", b"\xff"]
     t = Utf8Table(len(pieces), pieces.__getitem__)
