@@ -94,9 +94,9 @@ def test_errors_are_one_readable_line(fhub: FakeHub, tmp_path: Path) -> None:
     assert_one_line_error(cli(fhub, "pull", REPO, FILE, "--cache-dir", vol, "--max-attempts", "0"), code=2)
     offline = cli(fhub, "pull", REPO, FILE, "--cache-dir", vol, HF_HUB_OFFLINE="1")
     assert "not_cached" in assert_one_line_error(offline)
-    usage = cli(fhub, "pull", REPO, FILE)  # argparse: usage text, then its own one-line error
+    usage = cli(fhub, "pull", REPO, FILE)  # no --cache-dir (optional only with --config): one usage line, exit 2
     assert usage.returncode == 2 and "Traceback" not in usage.stderr
-    assert usage.stderr.strip().splitlines()[-1].endswith("the following arguments are required: --cache-dir")
+    assert usage.stderr.strip().splitlines()[-1].endswith("--cache-dir is required")
 
 
 def test_unreachable_hub_one_line(tmp_path: Path) -> None:

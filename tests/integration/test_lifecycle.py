@@ -134,7 +134,8 @@ def test_drain_refuses_new_requests_and_finishes_in_flight(ray_session: str, tmp
         t.join(60)
         assert result == {"status": 200, "usage": {"prompt_tokens": result["usage"]["prompt_tokens"],
                                                    "completion_tokens": 900,
-                                                   "total_tokens": result["usage"]["total_tokens"]}}
+                                                   "total_tokens": result["usage"]["total_tokens"],
+                                                   "prompt_tokens_details": {"cached_tokens": 0}}}
     finally:
         serve.delete("drained")
 

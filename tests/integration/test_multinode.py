@@ -6,6 +6,7 @@ the retryable ``engine_dead`` error chunk and ``[DONE]``, never a cut connection
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import subprocess
@@ -43,7 +44,9 @@ def serve_config(model: Path, volume: Path, port: int) -> dict[str, Any]:
             "name": "llm", "route_prefix": "/", "import_path": "serve_app.builder:build_app",
             "args": {"model": {"filename": str(model)}, "cache_dir": str(volume), "accelerator": "cpu",
                      "engine": {"n_parallel": 4, "n_ctx_per_slot": 512, "n_threads": 1, "max_queued_requests": 32},
-                     "replicas": {"num_replicas": 2}},
+                     "replicas": {"num_replicas": 2},
+                     # Load balancing alone (power of two choices): the test places long streams on both nodes.
+                     "routing": {"prefix_affinity": False}},
             "deployments": [
                 {"name": "LlamaModel",
                  "ray_actor_options": {"num_cpus": 1, "resources": {"llama_host": 1}, "runtime_env": LOW_LATENCY}},
@@ -52,6 +55,9 @@ def serve_config(model: Path, volume: Path, port: int) -> dict[str, Any]:
             ],
         }],
     }
+
+
+_CONVERSATIONS = itertools.count()
 
 
 def node_generations(metrics_port: int) -> float:
@@ -77,8 +83,10 @@ def wait_ready(base: str, proc: subprocess.Popen[bytes], log: Path) -> None:
 
 async def one_request(client: httpx.AsyncClient, stream: bool, max_tokens: int = 300,
                       started: asyncio.Event | None = None) -> dict[str, Any]:
-    body = {"messages": [{"role": "user", "content": "count"}], "max_tokens": max_tokens, "ignore_eos": True,
-            "stream": stream}
+    # A new conversation each time: the prefix-affinity router spreads conversations over the replicas (one
+    # conversation would stay on the replica that caches it).
+    body = {"messages": [{"role": "user", "content": f"count {next(_CONVERSATIONS)}"}], "max_tokens": max_tokens,
+            "ignore_eos": True, "stream": stream}
     if not stream:
         r = await client.post("/v1/chat/completions", json=body)
         return {"stream": False, "status": r.status_code, "body": r.text[:300]}
