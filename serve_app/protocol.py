@@ -31,7 +31,7 @@ MAX_STOP_CHARS = 1024  # a stop string's matcher is built on the engine thread, 
 
 
 class GrammarSpec(_Strict):
-    """What constrains sampling; compiled to GBNF (and cached) by serve_app/engine/grammar.py."""
+    """What constrains sampling; compiled to GBNF (and cached) by serve_app/engine/gbnf.py."""
 
     gbnf: str | None = None            # a GBNF grammar whose start rule is "root"
     json_schema: dict[str, Any] | None = None  # or a JSON schema ({} = any JSON value; {"type": "object"} = any object)

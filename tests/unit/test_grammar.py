@@ -12,14 +12,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from serve_app.engine.grammar import (
-    _Cache,
-    compile_grammar,
-    nesting,
-    rename_rule,
-    spec_to_text,
-    trigger_pattern,
-)
+from serve_app.engine.gbnf import _Cache, nesting, rename_rule, spec_to_text, trigger_pattern
+from serve_app.engine.grammar import compile_grammar
 from serve_app.engine.lazy import TriggerWatch
 from serve_app.engine.utf8mask import Utf8Table
 from serve_app.errors import InvalidRequestError
