@@ -124,7 +124,8 @@ async def probe(base: str, tokens: int, salt: str, cache: bool, reps: int = 3) -
     Medians of ``reps`` fresh system prompts; the workload above mixes in other users' prefills, this does not."""
     body = {"max_tokens": 4, "temperature": 0, "ignore_eos": True, "stream": True, "cache_prompt": cache}
     cold, warm, cached = [], [], []
-    async with httpx.AsyncClient(base_url=base, timeout=600) as c:
+    # No keep-alive, as in ``workload``: llama-server drops idle connections.
+    async with httpx.AsyncClient(base_url=base, timeout=600, limits=httpx.Limits(max_keepalive_connections=0)) as c:
         for i in range(reps):
             system, _ = await asyncio.to_thread(system_prompt, base, tokens, f"{salt}-probe{i}")
             sys_msg = {"role": "system", "content": system}
@@ -326,7 +327,10 @@ def main(argv: list[str] | None = None) -> None:
         try:
             system, _ = system_prompt(lbase, a.system_tokens, "llama-server")
             res["llama_server"] = asyncio.run(workload(lbase, system, cache=True, **run))
-            res["llama_server"]["probe"] = asyncio.run(probe(lbase, a.system_tokens, "llama-server", True))
+            try:
+                res["llama_server"]["probe"] = asyncio.run(probe(lbase, a.system_tokens, "llama-server", True))
+            except Exception as e:
+                res["llama_server"]["probe"] = {"error": f"{type(e).__name__}: {e}"}
         except Exception as e:  # the peer failing must not cost the figures above
             res["llama_server"] = {"error": f"{type(e).__name__}: {e}", "exit_code": proc.poll(),
                                    "log_tail": Path(log).read_text(errors="replace")[-1500:]}
