@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
+    from .hostcache import HostCache
     from .llama import LlamaContextHandle
     from .step import Slot
 
@@ -60,18 +61,29 @@ def pick_slot(free: Sequence[Slot], tokens: np.ndarray, use_cache: bool) -> tupl
     return best, best_n
 
 
+def window_usable(pos_min: int, n: int, n_swa: int) -> bool:
+    """Whether a sequence whose SWA layers start at ``pos_min`` may keep its first ``n`` tokens: llama-server's rule
+    (its ``pos_min_thold``), where a cache holding position 0 has dropped nothing."""
+    return n_swa <= 0 or pos_min == 0 or 0 <= pos_min < max(0, n - n_swa)
+
+
 @dataclass
 class PrefixCache:
     """The reuse rules for one context: which prefix of a slot's cache a new sequence may keep."""
 
     ctx: LlamaContextHandle
     n_swa: int  # the model's sliding window when the SWA layers hold only a window (swa_full off); else 0
+    host: HostCache | None = None  # saved sequence states beyond the slots (hostcache.py); None: off
     reused_tokens: int = 0  # prompt tokens not computed thanks to a cached prefix (all admissions)
     refused: int = 0  # admissions whose matching prefix llama.cpp could not keep (SWA window, recurrent memory)
 
-    def reuse(self, s: Slot, tokens: np.ndarray, n_match: int) -> int:
+    def reuse(self, s: Slot, tokens: np.ndarray, n_match: int, use_cache: bool = True) -> int:
         """Keep the first ``n_match`` cached tokens of ``s`` for a sequence that will hold ``tokens`` (at most all
-        but the last), drop the rest of its KV, and return how many were kept."""
+        but the last), drop the rest of its KV, and return how many were kept. With a host cache: the slot's
+        sequence is saved first when most of it would be lost, and a saved copy sharing a clearly longer prefix is
+        loaded in its place."""
+        if self.host is not None and len(tokens) > 1:
+            n_match = self._from_host(s, tokens, n_match) if use_cache else self._stash_if_lost(s, n_match)
         n = min(n_match, len(tokens) - 1, len(s.cache))
         if n > 0 and not self._window_held(s.seq, n):
             n, self.refused = 0, self.refused + 1
@@ -85,13 +97,35 @@ class PrefixCache:
         self.reused_tokens += n
         return n
 
+    def _from_host(self, s: Slot, tokens: np.ndarray, n_match: int) -> int:
+        assert self.host is not None
+        key, n_host = self.host.best(tokens, self.n_swa)
+        if key == 0 or not self.host.worth(key, n_host, n_match):
+            return self._stash_if_lost(s, n_match)
+        saved = self.host.entries[key]  # held here: saving the slot's own sequence may push it out of the cache
+        self.stash(s)
+        self.ctx.free_seq(s.seq)
+        got = self.host.restore(saved, s.seq)
+        s.cache = EMPTY if got is None else got
+        if got is None:
+            return 0
+        self.host.restored_tokens += n_host
+        return n_host
+
+    def _stash_if_lost(self, s: Slot, n_keep: int) -> int:
+        """Save the slot's sequence when keeping ``n_keep`` of it loses most of it; returns ``n_keep``."""
+        if n_keep < len(s.cache) // 2:
+            self.stash(s)
+        return n_keep
+
+    def stash(self, s: Slot) -> None:
+        """Save the idle slot's sequence to the host cache (when there is one) before its KV is lost."""
+        if self.host is not None and len(s.cache):
+            self.host.save(s.seq, s.cache)
+
     def _window_held(self, seq: int, n: int) -> bool:
-        """Whether the SWA layers still hold the positions a token at ``n`` attends to: llama-server's rule (its
-        ``pos_min_thold``), where a cache holding position 0 has dropped nothing."""
-        if self.n_swa <= 0:
-            return True
-        pos_min = self.ctx.seq_pos_min(seq)
-        return pos_min == 0 or 0 <= pos_min < max(0, n - self.n_swa)
+        """Whether the SWA layers still hold the positions a token at ``n`` attends to."""
+        return window_usable(self.ctx.seq_pos_min(seq), n, self.n_swa) if self.n_swa > 0 else True
 
     @staticmethod
     def keep(s: Slot, tokens: list[int]) -> None:

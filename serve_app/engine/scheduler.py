@@ -27,6 +27,7 @@ from serve_app.protocol import ErrorEvent, Event, FinishReason
 
 from .batch import NpBatch
 from .generation import EngineRequest, Generation, check_request
+from .hostcache import HostCache
 from .llama import LlamaContextHandle, LlamaModelHandle
 from .prefix import PrefixCache, pick_slot
 from .stats import EngineStats, slot_report
@@ -40,7 +41,7 @@ class Engine:
     """Owns the context and the engine thread. ``submit`` / ``cancel`` / ``stats`` are thread-safe."""
 
     def __init__(self, model: LlamaModelHandle, ctx: LlamaContextHandle, *, prefill_chunk: int,
-                 max_queued_requests: int) -> None:
+                 max_queued_requests: int, cache_ram_mib: int = 0) -> None:
         self.model = model
         self.ctx = ctx
         self.n_slots = ctx.n_seq_max
@@ -50,7 +51,7 @@ class Engine:
         self.max_pending = self.n_slots + max_queued_requests
         self._slots = [Slot(seq=i) for i in range(self.n_slots)]
         self._batch = NpBatch(ctx.n_batch)
-        self._prefix = PrefixCache(ctx, ctx.n_swa)
+        self._prefix = PrefixCache(ctx, ctx.n_swa, HostCache(ctx, cache_ram_mib << 20) if cache_ram_mib else None)
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._waiting: deque[EngineRequest] = deque()
         self._paused: deque[Generation] = deque()  # preempted for KV room; re-admitted before anything new
@@ -114,8 +115,9 @@ class Engine:
                                       for s in self._slots))
 
     def drop_prompt_cache(self) -> None:
-        """Free the KV that idle slots keep for reuse (llama.cpp holds no cell for them afterwards)."""
-        self._call(self._evict_idle)
+        """Free the KV that idle slots keep for reuse (llama.cpp holds no cell for them afterwards), and the host
+        cache's copies."""
+        self._call(lambda: (self._evict_idle(save=False), self._prefix.host and self._prefix.host.clear()))
 
     def shutdown(self, timeout: float = 5.0) -> bool:
         """Stop the engine thread (failing what is still queued) and free the context. If the thread does not stop
@@ -275,7 +277,7 @@ class Engine:
                 continue
             tokens = gen.tokens()
             s, n_match = pick_slot(free, tokens, gen.req.params.cache_prompt)
-            n = self._prefix.reuse(s, tokens, n_match)
+            n = self._prefix.reuse(s, tokens, n_match, gen.req.params.cache_prompt)
             s.gen = gen
             s.prompt = tokens
             s.n_prefilled = s.n_past = n
@@ -395,10 +397,13 @@ class Engine:
         PrefixCache.forget(s)
         s.reset()
 
-    def _evict_idle(self) -> bool:
-        """Free every idle slot's prompt cache; returns whether any held cells."""
+    def _evict_idle(self, save: bool = True) -> bool:
+        """Free every idle slot's prompt cache (saved to the host cache first, when there is one); returns whether
+        any held cells."""
         idle = [s for s in self._slots if not s.busy and len(s.cache)]
         for s in idle:
+            if save:
+                self._prefix.stash(s)
             self._reset_slot(s)
         return bool(idle)
 
