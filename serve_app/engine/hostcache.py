@@ -66,7 +66,10 @@ class HostCache:
         while self.bytes + len(state) > self.max_bytes:
             self._drop(next(iter(self.entries)))
         self._keys += 1
-        self.entries[self._keys] = Saved(tokens.copy(), state, max(0, self.ctx.seq_pos_min(seq)))
+        # A copy holds only the unmasked part of a window-sized SWA cache (older cells may still sit in the slot,
+        # but are not saved): loaded back, it starts n_swa positions before its end.
+        pos_min = max(0, self.ctx.seq_pos_min(seq), len(tokens) - self.ctx.n_swa if self.ctx.n_swa else 0)
+        self.entries[self._keys] = Saved(tokens.copy(), state, pos_min)
         self.bytes += len(state)
         self.saves += 1
 

@@ -64,7 +64,9 @@ def pick_slot(free: Sequence[Slot], tokens: np.ndarray, use_cache: bool) -> tupl
 def window_usable(pos_min: int, n: int, n_swa: int) -> bool:
     """Whether a sequence whose SWA layers start at ``pos_min`` may keep its first ``n`` tokens: llama-server's rule
     (its ``pos_min_thold``), where a cache holding position 0 has dropped nothing."""
-    return n_swa <= 0 or pos_min == 0 or 0 <= pos_min < max(0, n - n_swa)
+    # The token at position n attends to positions above n - n_swa (llama.cpp's is_masked_swa), so holding from
+    # n - n_swa on is enough.
+    return n_swa <= 0 or pos_min == 0 or 0 <= pos_min <= max(0, n - n_swa)
 
 
 @dataclass
