@@ -43,6 +43,12 @@ def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
 # shared BOS and a word must not evict a long cache that an empty or older slot would have spared.
 MIN_SHARE = 0.1
 
+# SWA checkpoints per slot and their spacing in prompt tokens: the last CHECKPOINTS * CHECKPOINT_EVERY tokens of a
+# prompt can be diverged from (a different user message after a shared system prompt).
+CHECKPOINTS = 4
+CHECKPOINT_EVERY = 256
+PARTIAL_ONLY = 1  # LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY: only the SWA (or recurrent) part of a sequence's state
+
 
 def pick_slot(free: Sequence[Slot], tokens: np.ndarray, use_cache: bool) -> tuple[Slot, int]:
     """The free slot with the longest cached prefix of ``tokens`` and that prefix's length; ties and misses go to
@@ -78,6 +84,7 @@ class PrefixCache:
     host: HostCache | None = None  # saved sequence states beyond the slots (hostcache.py); None: off
     reused_tokens: int = 0  # prompt tokens not computed thanks to a cached prefix (all admissions)
     refused: int = 0  # admissions whose matching prefix llama.cpp could not keep (SWA window, recurrent memory)
+    checkpoint_restores: int = 0  # admissions that rolled the SWA layers back to a checkpoint
 
     def reuse(self, s: Slot, tokens: np.ndarray, n_match: int, use_cache: bool = True) -> int:
         """Keep the first ``n_match`` cached tokens of ``s`` for a sequence that will hold ``tokens`` (at most all
@@ -88,7 +95,7 @@ class PrefixCache:
             n_match = self._from_host(s, tokens, n_match) if use_cache else self._stash_if_lost(s, n_match)
         n = min(n_match, len(tokens) - 1, len(s.cache))
         if n > 0 and not self._window_held(s.seq, n):
-            n, self.refused = 0, self.refused + 1
+            n = self._from_checkpoint(s, n)
         if n > 0 and not self.ctx.seq_rm_tail(s.seq, n):
             n, self.refused = 0, self.refused + 1
         if n == 0:
@@ -96,8 +103,35 @@ class PrefixCache:
             s.cache = EMPTY
         else:
             s.cache = s.cache[:n]
+        s.checkpoints = [c for c in s.checkpoints if c[0] <= n]
         self.reused_tokens += n
         return n
+
+    def _from_checkpoint(self, s: Slot, n: int) -> int:
+        """The window in front of ``n`` is gone: roll the SWA layers back to the latest checkpoint at or before
+        ``n`` (the full-attention layers keep everything up to it) and return its position; 0 when none."""
+        pos = max((c for c in s.checkpoints if c[0] <= n), default=None, key=lambda c: c[0])
+        if pos is None or not self.ctx.seq_rm_tail(s.seq, pos[0]) or not self.ctx.set_seq_state(
+                s.seq, pos[1], PARTIAL_ONLY):
+            self.refused += 1
+            return 0
+        self.checkpoint_restores += 1
+        return pos[0]
+
+    def checkpoint(self, slots: Sequence[Slot]) -> None:
+        """After a decode, with a window-sized SWA cache: copy the SWA part of the KV of each slot still reading its
+        prompt once it has moved ``CHECKPOINT_EVERY`` tokens past its last copy and beyond the window (before that
+        the cache still holds position 0), keeping the last ``CHECKPOINTS`` (llama-server's context checkpoints):
+        a later prompt that shares only a prefix of it can restart from there."""
+        if self.n_swa <= 0:
+            return
+        for s in slots:
+            if s.prompt is None or s.n_past > len(s.prompt) or s.n_past < self.n_swa:
+                continue
+            if s.checkpoints and s.n_past - s.checkpoints[-1][0] < CHECKPOINT_EVERY:
+                continue
+            s.checkpoints.append((s.n_past, self.ctx.seq_state(s.seq, PARTIAL_ONLY)))
+            del s.checkpoints[:-CHECKPOINTS]
 
     def _from_host(self, s: Slot, tokens: np.ndarray, n_match: int) -> int:
         assert self.host is not None
@@ -109,6 +143,7 @@ class PrefixCache:
         self.ctx.free_seq(s.seq)
         got = self.host.restore(saved, s.seq)
         s.cache = EMPTY if got is None else got
+        s.checkpoints = []  # they were of the sequence just replaced
         if got is None:
             return 0
         self.host.restored_tokens += n_host
@@ -140,3 +175,4 @@ class PrefixCache:
     def forget(s: Slot) -> None:
         """The slot's KV was freed (or cannot be trusted): nothing cached."""
         s.cache = EMPTY
+        s.checkpoints = []

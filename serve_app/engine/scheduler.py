@@ -314,6 +314,7 @@ class Engine:
             return t1 - t0, 0.0
         self.steps += 1
         self.tokens_prompt += advance_positions(self._slots)
+        self._prefix.checkpoint(self._slots)
         greedy = greedy_tokens(self.ctx, self.model.n_vocab, with_logits)
         toks = [s.gen.sample(self.ctx, s.i_batch) if s.gen and s.gen.sampler else int(greedy[j])
                 for j, s in enumerate(with_logits)]
