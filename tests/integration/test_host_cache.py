@@ -1,7 +1,8 @@
 """The host-memory prompt cache on real llama.cpp (tiny generated model, no Ray): a conversation whose slot another
 prefix took is saved to RAM and loaded back, so its next request reuses its prefix (``cached_tokens`` > 0 on a
 one-slot engine) with the greedy output of a full prefill; the cache holds at most its byte bound, dropping the
-least recently used copy first; ``cache_ram_mib: 0`` turns it off (no host cache at all)."""
+least recently used copy first; a copy loads into another slot than the one it came from (separate and unified
+KV); ``cache_ram_mib: 0`` turns it off (no host cache at all)."""
 
 from __future__ import annotations
 
@@ -72,6 +73,27 @@ def test_zero_turns_the_host_cache_off(tiny_model) -> None:
         await gen(eng, conversation(model, 1), greedy(2))
         _, d = await gen(eng, conversation(model, 0), greedy(2))
         assert d.usage.cached_tokens <= 1  # the BOS token a miss still shares with the slot
+
+    try:
+        asyncio.run(main())
+    finally:
+        eng.shutdown()
+
+
+@pytest.mark.parametrize("unified", [False, True])
+def test_a_copy_loads_into_another_slot(tiny_model, unified: bool) -> None:  # noqa: ANN001
+    eng, model, _ = load_engine(str(tiny_model), EngineConfig(n_parallel=2, n_ctx_per_slot=512, kv_unified=unified,
+                                                              cache_ram_mib=64), want_gpu=False)
+    convs = [conversation(model, i) for i in range(3)]
+
+    async def main() -> None:
+        ref, _ = await gen(eng, convs[0], greedy(12, cache=False))  # slot 0
+        await gen(eng, convs[1], greedy(2))  # slot 1
+        await gen(eng, convs[2], greedy(2))  # slot 0 (least recently used): conversation 0 goes to RAM
+        out, d = await gen(eng, convs[0], greedy(12))  # loaded into slot 1, saved from slot 0
+        assert d.usage.cached_tokens == len(convs[0]) - 1 and eng._prefix.host.restores == 1
+        assert agreement([(out, ref)]) == 1.0
+        assert eng.kv_free()
 
     try:
         asyncio.run(main())
