@@ -107,6 +107,15 @@ class PrefixCache:
         self.reused_tokens += n
         return n
 
+    def report(self) -> dict[str, int]:
+        """For /stats: SWA checkpoint restores, refused reuses, and the host cache's size and traffic."""
+        out = {"checkpoint_restores": self.checkpoint_restores, "refused": self.refused}
+        h = self.host
+        if h is not None:
+            out |= {"ram_bytes": h.bytes, "ram_max_bytes": h.max_bytes, "ram_copies": len(h.entries),
+                    "ram_saves": h.saves, "ram_restores": h.restores, "ram_restored_tokens": h.restored_tokens}
+        return out
+
     def _from_checkpoint(self, s: Slot, n: int) -> int:
         """The window in front of ``n`` is gone: roll the SWA layers back to the latest checkpoint at or before
         ``n`` (the full-attention layers keep everything up to it) and return its position; 0 when none."""

@@ -105,7 +105,7 @@ class Engine:
             dead=self.dead, preemptions=self.preemptions, decode_s=self.decode_s, sample_s=self.sample_s,
             busy_s=self.busy_s, kv_cells_cached=sum(len(s.cache) for s in self._slots if not s.busy),
             tokens_cached=self._prefix.reused_tokens,
-            slots=slot_report(self._slots),
+            slots=slot_report(self._slots), prompt_cache=self._prefix.report(),
         )
 
     def kv_free(self) -> bool:
@@ -115,8 +115,7 @@ class Engine:
                                       for s in self._slots))
 
     def drop_prompt_cache(self) -> None:
-        """Free the KV that idle slots keep for reuse (llama.cpp holds no cell for them afterwards), and the host
-        cache's copies."""
+        """Free the KV that idle slots keep for reuse (no cell is held for them afterwards), and the host cache."""
         self._call(lambda: (self._evict_idle(save=False), self._prefix.host and self._prefix.host.clear()))
 
     def shutdown(self, timeout: float = 5.0) -> bool:

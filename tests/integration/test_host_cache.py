@@ -41,7 +41,7 @@ def test_an_evicted_prefix_is_restored_from_ram_and_bounded(tiny_model) -> None:
         await gen(eng, convs[1], greedy(4))  # takes the only slot: conversation 0 goes to RAM
         out, d = await gen(eng, convs[0], greedy(12))
         assert d.usage.cached_tokens == len(convs[0]) - 1, d.usage
-        assert host.restores == 1
+        assert host.restores == 1 and eng.stats().prompt_cache["ram_restores"] == 1
         assert agreement([(out, ref)]) == 1.0
         # Room for two copies: saving a third drops the least recently used one.
         host.clear()
