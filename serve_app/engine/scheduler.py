@@ -398,8 +398,7 @@ class Engine:
         s.reset()
 
     def _evict_idle(self, save: bool = True) -> bool:
-        """Free every idle slot's prompt cache (saved to the host cache first, when there is one); returns whether
-        any held cells."""
+        """Free every idle slot's prompt cache (``save``: into the host cache first); returns whether any held cells."""
         idle = [s for s in self._slots if not s.busy and len(s.cache)]
         for s in idle:
             if save:
