@@ -87,6 +87,12 @@ class EngineConfig(_Strict):
                     "those layers hold only their window, far less memory, but a cached prompt prefix is reusable "
                     "only while its window is still held. No effect on models without SWA.",
     )
+    cache_ram_mib: int = Field(
+        default=1024, ge=0,
+        description="Host-memory prompt cache beyond the slots (llama-server --cache-ram), in MiB: an idle slot's "
+                    "sequence state is saved there before another prefix takes the slot, and loaded back when a "
+                    "later prompt shares a longer prefix with it. 0 turns it off.",
+    )
     n_threads: int | None = Field(default=None, ge=1, description="CPU threads; default: all cores.")
     max_queued_requests: int = Field(
         default=256, ge=0, validation_alias=AliasChoices("max_queued_requests", "max_queue"),

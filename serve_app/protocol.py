@@ -285,6 +285,8 @@ class ModelInfo(BaseModel):
     kv_cells_cached: int = 0
     tokens_cached: int = 0
     slots: list[dict[str, Any]] | None = None
+    # Prompt caching beyond the slots: the host-memory cache (bytes, copies, saves, restores) and SWA checkpoints.
+    prompt_cache: dict[str, int] | None = None
     plan: dict[str, Any] | None = None
     file: dict[str, Any] | None = None
     gpu_memory: dict[str, int] | None = None

@@ -264,6 +264,19 @@ class LlamaContextHandle:
         """The last position ``seq`` holds in the KV cache; -1 when none (or once the context is freed)."""
         return int(lib().llama_memory_seq_pos_max(self.mem, seq)) if self.ptr else -1
 
+    def seq_state(self, seq: int, flags: int = 0) -> bytes:
+        """A copy of ``seq``'s state (its KV cells; ``flags`` 1: only the SWA / recurrent part) in host memory."""
+        L = lib()
+        size = int(L.llama_state_seq_get_size_ext(self.ptr, seq, flags))
+        buf = (ctypes.c_uint8 * size)()
+        n = int(L.llama_state_seq_get_data_ext(self.ptr, buf, size, seq, flags))
+        return bytes(memoryview(buf)[:n])
+
+    def set_seq_state(self, seq: int, data: bytes, flags: int = 0) -> bool:
+        """Load a ``seq_state`` copy into ``seq``; False when llama.cpp could not (no room in a unified KV)."""
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        return int(lib().llama_state_seq_set_data_ext(self.ptr, buf, len(data), seq, flags)) > 0
+
 
 class SamplerChain:
     """llama.cpp's own sampler chain for one request (top-k before penalties: penalties are slow on a full

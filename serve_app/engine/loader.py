@@ -144,7 +144,8 @@ def load_engine(path: str, cfg: EngineConfig, *, want_gpu: bool, profile_path: s
         write_profile(profile_path, first, plan, measured)
     if report.tried:
         log.warning("loaded after %d failed attempts with %s", len(report.tried), plan.describe())
-    engine = Engine(ladder.model, ctx, prefill_chunk=cfg.prefill_chunk, max_queued_requests=cfg.max_queued_requests)
+    engine = Engine(ladder.model, ctx, prefill_chunk=cfg.prefill_chunk, max_queued_requests=cfg.max_queued_requests,
+                    cache_ram_mib=cfg.cache_ram_mib)
     report.plan = plan.describe()
     report.load_s = time.perf_counter() - t0
     return engine, ladder.model, report

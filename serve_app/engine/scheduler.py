@@ -34,6 +34,7 @@ from serve_app.protocol import ErrorEvent, Event, FinishReason
 
 from .batch import NpBatch
 from .generation import EngineRequest, Generation, check_request
+from .hostcache import HostCache
 from .llama import LlamaContextHandle, LlamaModelHandle
 from .prefix import PrefixCache, pick_slot
 from .stats import EngineStats, slot_report
@@ -47,7 +48,7 @@ class Engine:
     """Owns the context and the engine thread. ``submit`` / ``cancel`` / ``stats`` are thread-safe."""
 
     def __init__(self, model: LlamaModelHandle, ctx: LlamaContextHandle, *, prefill_chunk: int,
-                 max_queued_requests: int) -> None:
+                 max_queued_requests: int, cache_ram_mib: int = 0) -> None:
         self.model = model
         self.ctx = ctx
         self.n_slots = ctx.n_seq_max
@@ -57,7 +58,7 @@ class Engine:
         self.max_pending = self.n_slots + max_queued_requests
         self._slots = [Slot(seq=i) for i in range(self.n_slots)]
         self._batch = NpBatch(ctx.n_batch)
-        self._prefix = PrefixCache(ctx, ctx.n_swa)
+        self._prefix = PrefixCache(ctx, ctx.n_swa, HostCache(ctx, cache_ram_mib << 20) if cache_ram_mib else None)
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._waiting: deque[EngineRequest] = deque()
         self._paused: deque[Generation] = deque()  # preempted for KV room; re-admitted before anything new
@@ -111,7 +112,7 @@ class Engine:
             dead=self.dead, preemptions=self.preemptions, decode_s=self.decode_s, sample_s=self.sample_s,
             busy_s=self.busy_s, kv_cells_cached=sum(len(s.cache) for s in self._slots if not s.busy),
             tokens_cached=self._prefix.reused_tokens,
-            slots=slot_report(self._slots),
+            slots=slot_report(self._slots), prompt_cache=self._prefix.report(),
         )
 
     def kv_free(self) -> bool:
@@ -121,8 +122,8 @@ class Engine:
                                       for s in self._slots))
 
     def drop_prompt_cache(self) -> None:
-        """Free the KV that idle slots keep for reuse (llama.cpp holds no cell for them afterwards)."""
-        self._call(self._evict_idle)
+        """Free the KV that idle slots keep for reuse (no cell is held for them afterwards), and the host cache."""
+        self._call(lambda: (self._evict_idle(save=False), self._prefix.host and self._prefix.host.clear()))
 
     def shutdown(self, timeout: float = 5.0) -> bool:
         """Stop the engine thread (failing what is still queued) and free the context. If the thread does not stop
@@ -282,7 +283,7 @@ class Engine:
                 continue
             tokens = gen.tokens()
             s, n_match = pick_slot(free, tokens, gen.req.params.cache_prompt)
-            n = self._prefix.reuse(s, tokens, n_match)
+            n = self._prefix.reuse(s, tokens, n_match, gen.req.params.cache_prompt)
             s.gen = gen
             s.prompt = tokens
             s.n_prefilled = s.n_past = n
@@ -319,6 +320,7 @@ class Engine:
             return t1 - t0, 0.0
         self.steps += 1
         self.tokens_prompt += advance_positions(self._slots)
+        self._prefix.checkpoint(self._slots)
         greedy = greedy_tokens(self.ctx, self.model.n_vocab, with_logits)
         toks = [s.gen.pick(self.ctx, s.i_batch, int(greedy[j])) if s.gen else -1 for j, s in enumerate(with_logits)]
         t2 = time.perf_counter()
@@ -406,10 +408,12 @@ class Engine:
         PrefixCache.forget(s)
         s.reset()
 
-    def _evict_idle(self) -> bool:
-        """Free every idle slot's prompt cache; returns whether any held cells."""
+    def _evict_idle(self, save: bool = True) -> bool:
+        """Free every idle slot's prompt cache (``save``: into the host cache first); returns whether any held cells."""
         idle = [s for s in self._slots if not s.busy and len(s.cache)]
         for s in idle:
+            if save:
+                self._prefix.stash(s)
             self._reset_slot(s)
         return bool(idle)
 

@@ -29,6 +29,7 @@ class EngineStats:
     kv_cells_cached: int = 0
     tokens_cached: int = 0
     slots: list[dict[str, Any]] | None = None
+    prompt_cache: dict[str, int] | None = None  # the host cache and SWA checkpoints (PrefixCache.report)
 
 
 def slot_report(slots: list[Slot]) -> list[dict[str, Any]]:

@@ -29,6 +29,8 @@ class Slot:
     pending_prefill: int = 0
     pending_decode: bool = False
     cache: np.ndarray = field(default_factory=lambda: EMPTY)  # the tokens this sequence's KV holds while the slot is idle (prefix.py)
+    # Copies of the SWA part of the KV at earlier positions (position, state), oldest first (prefix.py).
+    checkpoints: list[tuple[int, bytes]] = field(default_factory=list)
     last_used: float = 0.0  # when its last generation left (time.monotonic): least recently used goes first
 
     @property

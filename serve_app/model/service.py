@@ -98,6 +98,7 @@ class ModelService:
                 waiting=st.waiting, kv_cells_used=st.kv_cells_used, kv_cells_total=st.kv_cells_total,
                 tokens_generated=st.tokens_generated, tokens_prompt=st.tokens_prompt, preemptions=st.preemptions,
                 kv_cells_cached=st.kv_cells_cached, tokens_cached=st.tokens_cached, slots=st.slots,
+                prompt_cache=st.prompt_cache,
                 plan=ld.loaded.report.plan))
         return info
 
