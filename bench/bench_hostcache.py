@@ -3,7 +3,7 @@ prefix (a request with ``cache_prompt: false`` and 1 output token: its time to f
 sequence's state out to RAM and loading it back (``llama_state_seq_get_data`` / ``set_data``), on the 150M bench
 model with a 32k vocabulary and on the real Gemma 3 270M Q4_K_M (window-sized SWA cache). JSON out.
 
-    flock /work/wt/ray.lock env PYTHONPATH=$PWD python bench/bench_hostcache.py [--gemma PATH]
+    python bench/bench_hostcache.py [--gemma PATH]
 """
 
 from __future__ import annotations
@@ -12,14 +12,17 @@ import argparse
 import asyncio
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from serve_app.config import EngineConfig
-from serve_app.engine import Engine, load_engine, open_stream
-from serve_app.protocol import Done, SamplingParams
-from tests.support.gguf_factory import BENCH_SPEC_32K, write_gguf
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from serve_app.config import EngineConfig  # noqa: E402
+from serve_app.engine import Engine, load_engine, open_stream  # noqa: E402
+from serve_app.protocol import Done, SamplingParams  # noqa: E402
+from tests.support.gguf_factory import BENCH_SPEC_32K, write_gguf  # noqa: E402
 
 SIZES = (512, 1500, 3000)
 

@@ -3,7 +3,7 @@ cache window-sized (``swa_full: false``, the default) and full-size; then, on th
 chat turn twice (the second reusing the first's prompt: cached tokens, time to first token); and, when given, a
 llama-server binary's RSS. Each engine runs in a fresh subprocess (RSS read from /proc after one request). JSON out.
 
-    flock /work/wt/ray.lock env PYTHONPATH=$PWD python bench/bench_memory.py [--llama-server PATH]
+    python bench/bench_memory.py [--llama-server PATH]
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 CHILD = r'''
 import asyncio, json, sys
@@ -42,9 +43,12 @@ eng.shutdown()
 '''
 
 
+REPO = str(Path(__file__).resolve().parents[1])
+
+
 def engine_run(path: str, swa_full: bool) -> dict:
     out = subprocess.run([sys.executable, "-c", CHILD, path, "1" if swa_full else "0"], capture_output=True,
-                         text=True, check=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+                         text=True, check=True, env={**os.environ, "PYTHONPATH": REPO})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -1,6 +1,6 @@
 """A small fake of RunPod's serverless job API on 127.0.0.1, for running the real ``runpod`` worker loop in tests.
 
-It speaks the production wire format of runpod 1.12 (see ``/work/shared/reference/runpod_hf.md`` A1):
+It speaks the production wire format of runpod 1.12 (its worker loop, ``runpod.serverless.modules``):
 
 * ``GET /job-take/<worker>?...&job_in_progress=0|1`` -> one queued job ``{"id", "input"}`` or 204;
   ``GET /job-take-batch/<worker>?...&batch_size=N`` -> a list of up to N jobs or 204. Both long-poll briefly.
