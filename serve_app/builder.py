@@ -3,7 +3,8 @@
     Ingress (Starlette, HTTP + handle API)  ->  LlamaModel (engine, GPU)  ->  ModelCache (volume, Hub)
 
 With ``models:``, one LlamaModel (chat) or EmbeddingModel deployment per model, all over the one ModelCache; the
-Ingress routes each request by its ``model`` name.
+Ingress routes each request by its ``model`` name. With ``max_models_per_replica``, the chat models share one
+multiplexed LlamaModel deployment instead (``LlamaPool``), loaded on demand.
 
 ``serve_config.yaml`` points ``import_path`` here; Ray Serve validates ``args`` into ``AppArgs`` (unknown keys are
 rejected). No ``from __future__ import annotations`` here: Ray reads the annotation at runtime to validate args.
@@ -23,7 +24,8 @@ from serve_app.ingress.deployment import Ingress
 from serve_app.model.affinity import router_config
 from serve_app.model.deployment import LlamaModel
 from serve_app.model.embedding import EmbeddingModel
-from serve_app.scaling import replica_options
+from serve_app.model.pool import LlamaPool
+from serve_app.scaling import ROUTER_MARGIN, max_ongoing_requests, replica_options
 from serve_app.settings import Settings
 
 log = logging.getLogger("ray.serve")
@@ -115,6 +117,27 @@ def model_deployment(args: AppArgs, entry: ModelEntry, cache: Any, use_gpu: bool
         cache, one.model_dump(mode="json"), use_gpu)
 
 
+POOL_DEPLOYMENT = "LlamaModel"
+
+
+def pool_options(args: AppArgs, use_gpu: bool) -> dict[str, Any]:
+    """The pool's options: LlamaModel's (replicas, routing, GPU), with room for every held model's slots and queue
+    at once (the largest model's figures, N times)."""
+    opts = llama_model_options(args, use_gpu)
+    opts.pop("user_config", None)  # admission batching windows are per engine; pooled engines admit directly
+    per_model = max(max_ongoing_requests(args.for_entry(e)) - ROUTER_MARGIN for e in args.pooled())
+    opts["max_ongoing_requests"] = per_model * args.max_models_per_replica + ROUTER_MARGIN
+    return opts
+
+
+def pool_deployment(args: AppArgs, cache: Any, use_gpu: bool) -> Any:
+    """The chat models of ``models:`` on demand behind one deployment (``max_models_per_replica`` >= 1), each with
+    its own engine args."""
+    entries = {args.entry_name(e): args.for_entry(e).model_dump(mode="json") for e in args.pooled()}
+    return LlamaPool.options(name=POOL_DEPLOYMENT, **pool_options(args, use_gpu)).bind(
+        cache, entries, use_gpu, args.max_models_per_replica, args.eviction_grace_s, POOL_DEPLOYMENT)
+
+
 def llama_model_routing(args: AppArgs) -> dict[str, Any]:
     """Prefix affinity across LlamaModel replicas (``routing``): a no-op with one replica, so always set."""
     r = args.routing
@@ -128,10 +151,13 @@ def build_app(args: AppArgs) -> serve.Application:
         args = AppArgs.model_validate(args)
     use_gpu = resolve_accelerator(args)
     cache = ModelCache.options(**model_cache_options()).bind(args.cache_dir, args.download.model_dump())
-    # One deployment per model (not Serve multiplexing): each owns a batching engine sized to its slots, loads
-    # once and keeps its readiness state, and scales on its own; see the README.
-    entries = args.served()
-    bound = [(args.entry_name(e), e.kind, model_deployment(args, e, cache, use_gpu)) for e in entries]
+    # By default one deployment per model: each owns a batching engine sized to its slots, loads once, keeps its
+    # readiness state and scales on its own. With max_models_per_replica the chat models share one multiplexed
+    # deployment that loads them on demand (serve_app.model.pool); see docs/models.md.
+    pooled = {args.entry_name(e) for e in args.pooled()}
+    pool = pool_deployment(args, cache, use_gpu) if pooled else None
+    bound = [(args.entry_name(e), e.kind, pool if args.entry_name(e) in pooled else
+              model_deployment(args, e, cache, use_gpu)) for e in args.served()]
     (first_name, first_kind, first), others = bound[0], bound[1:]
     return Ingress.options(**ingress_options(args)).bind(
-        first, first_name, args.server, args.engine.max_tokens_default, others, first_kind)
+        first, first_name, args.server, args.engine.max_tokens_default, others, first_kind, sorted(pooled))

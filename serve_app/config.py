@@ -267,6 +267,18 @@ class AppArgs(_Strict):
     server: ServerConfig = Field(default_factory=ServerConfig)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     replicas: ReplicaArgs = Field(default_factory=ReplicaArgs)
+    max_models_per_replica: int = Field(
+        default=0, ge=0,
+        description="0: each model in its own deployment, loaded at start and kept. N >= 1: the chat models of "
+                    "'models' share one LlamaModel deployment (one GPU per replica): a replica loads a model on "
+                    "its first request and holds at most N, unloading the least recently used one (llama-server "
+                    "--models-max, Ollama). Requests go to a replica that holds their model.",
+    )
+    eviction_grace_s: float = Field(
+        default=30.0, ge=0,
+        description="How long an unloaded model's running requests may finish before they are ended with a "
+                    "retryable 'model_unloaded' error (max_models_per_replica >= 1).",
+    )
 
     @field_validator("cache_dir")
     @classmethod
@@ -285,6 +297,8 @@ class AppArgs(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"model names must be unique; repeated: {', '.join(dupes)}")
+        if self.max_models_per_replica and not any(e.kind == "chat" for e in self.models):
+            raise ValueError("max_models_per_replica applies to the chat models of 'models'; there are none")
         for e in self.models:
             merged = EngineConfig.model_validate({**self.engine.model_dump(), **e.engine})
             if merged.n_ubatch > merged.n_batch:
@@ -310,10 +324,16 @@ class AppArgs(_Strict):
             return [ModelEntry.model_construct(**self.model.model_dump(), name=self.model_name())]
         return list(self.models)
 
+    def pooled(self) -> list[ModelEntry]:
+        """The models served on demand by one multiplexed LlamaModel deployment (``max_models_per_replica``)."""
+        if not self.max_models_per_replica:
+            return []
+        return [e for e in self.models if e.kind == "chat"]
+
     def for_entry(self, entry: ModelEntry) -> AppArgs:
         """The one-model args a model deployment runs with: its ref, name and engine overrides."""
         return self.model_copy(update={
-            "model": entry.ref(), "models": [],
+            "model": entry.ref(), "models": [], "max_models_per_replica": 0,
             "engine": EngineConfig.model_validate({**self.engine.model_dump(), **entry.engine}),
             "server": self.server.model_copy(update={"served_model_name": self.entry_name(entry)}),
         })

@@ -186,6 +186,15 @@ class EngineDeadError(EngineError):
     retryable = True
 
 
+class ModelUnloadedError(EngineError):
+    """A pooled model was unloaded to make room for another while this request still ran (past the eviction
+    grace period): the same request sent again loads it again."""
+
+    code = "model_unloaded"
+    status = 503
+    retryable = True
+
+
 class KVCacheFullError(EngineError):
     """The KV cache has no room for a request even with nothing else running: a retry may land on a replica or a
     moment with room, or the request can be made shorter."""

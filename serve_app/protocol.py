@@ -290,6 +290,8 @@ class ModelInfo(BaseModel):
     plan: dict[str, Any] | None = None
     file: dict[str, Any] | None = None
     gpu_memory: dict[str, int] | None = None
+    # A replica of the on-demand pool (``max_models_per_replica``): the models it holds, least recently used first.
+    loaded_models: list[str] | None = None
 
 
 T = TypeVar("T")

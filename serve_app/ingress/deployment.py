@@ -32,16 +32,22 @@ from .sse import EventStream
 @serve.ingress()
 class Ingress:
     def __init__(self, model: DeploymentHandle, model_id: str, server: ServerConfig, default_max_tokens: int,
-                 others: list[tuple[str, Kind, DeploymentHandle]] | None = None, model_kind: Kind = "chat") -> None:
-        # ``model`` is the default model; ``others`` the rest (name, kind, handle) when the app serves several.
+                 others: list[tuple[str, Kind, DeploymentHandle]] | None = None, model_kind: Kind = "chat",
+                 pooled: list[str] | None = None) -> None:
+        # ``model`` is the default model; ``others`` the rest (name, kind, handle) when the app serves several;
+        # ``pooled`` the names served on demand by one multiplexed deployment (their handles name the model).
+        entries = [(model_id, model_kind, model), *(others or [])]
         if server.low_latency:
             # By value over Ray Serve's replica-to-replica gRPC channel instead of through the object store: about
             # 1 ms less each way per request and per streamed item (docs/benchmarks.md).
-            model = ray_private.by_value(model)
-            others = [(n, k, ray_private.by_value(h)) for n, k, h in others or []]
-        table = ModelTable([Served(n, k, h, Replicas(h.app_name, h.deployment_name))
-                            for n, k, h in [(model_id, model_kind, model), *(others or [])]])
-        self.service = OpenAIService(model, model_id, default_max_tokens, table=table)
+            entries = [(n, k, ray_private.by_value(h)) for n, k, h in entries]
+        fanout: dict[str, Replicas] = {}  # one per deployment: a pool's replicas answer for all its models
+        table = ModelTable([
+            Served(n, k, h.options(multiplexed_model_id=n) if n in (pooled or ()) else h,
+                   fanout.setdefault(h.deployment_name, Replicas(h.app_name, h.deployment_name)),
+                   group=h.deployment_name if n in (pooled or ()) else n)
+            for n, k, h in entries])
+        self.service = OpenAIService(table.default.handle, model_id, default_max_tokens, table=table)
         self.api_keys = [*server.api_keys, *Settings().api_keys]
         self.max_body_bytes = server.max_body_bytes
         self.metrics = IngressMetrics()

@@ -24,6 +24,7 @@ class Served:
     kind: Kind
     handle: Any
     replicas: Replicas | None = None  # every replica of its deployment (None: only the one a call reaches)
+    group: str = ""  # what /stats and readiness report it under: its name, or its pool's deployment
 
 
 class ModelTable:
@@ -33,6 +34,15 @@ class ModelTable:
         self.served = served
         self.by_name = {s.name: s for s in served}
         self.default = served[0]
+
+    def groups(self) -> list[tuple[str, Served]]:
+        """One model per deployment, with the name its state is reported under: models of an on-demand pool
+        share their replicas, which report once for all of them."""
+        out: dict[str, Served] = {}
+        for s in self.served:
+            out.setdefault(s.group or s.name, s)
+        return list(out.items())
+
 
     def names(self) -> list[str]:
         return [s.name for s in self.served]

@@ -118,7 +118,7 @@ class OpenAIService:
             infos = await self.replica_infos(s)
             return (combine(list(infos.values())) if infos else await self._info(s.handle)), infos
 
-        return list(await asyncio.gather(*(one(s) for s in self.table.served)))
+        return list(await asyncio.gather(*(one(s) for _, s in self.table.groups())))
 
     async def info(self) -> ModelInfo:
         """Every replica of every served model together: one model's replicas summed (``replicas.combine``); several
@@ -128,8 +128,9 @@ class OpenAIService:
     async def stats(self) -> dict[str, Any]:
         """``/stats``: everything together (summed), and each replica of each model under ``replicas``."""
         views = await self._views()
-        each = [{"model": s.name, "replica": rid, **i.model_dump(exclude={"detail"})}
-                for s, (_, infos) in zip(self.table.served, views, strict=True) for rid, i in sorted(infos.items())]
+        each = [{"model": name, "replica": rid, **i.model_dump(exclude={"detail"})}
+                for (name, _), (_, infos) in zip(self.table.groups(), views, strict=True)
+                for rid, i in sorted(infos.items())]
         return {**merge_infos([c for c, _ in views]).model_dump(exclude={"detail"}), "replicas": each}
 
     async def overview(self) -> tuple[ModelInfo, int]:

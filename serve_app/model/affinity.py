@@ -26,7 +26,7 @@ import random
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
+from ray.serve.request_router import MultiplexMixin, PendingRequest, RequestRouter, RunningReplica
 
 from serve_app.protocol import GenerateRequest
 
@@ -71,8 +71,10 @@ def overloaded(loads: Sequence[int | None], threshold: int) -> bool:
     return first is not None and bool(others) and first - min(others) > threshold
 
 
-class PrefixAffinityRouter(RequestRouter):
-    """Ray Serve request router: conversation affinity by rendezvous hashing, load balancing past a threshold."""
+class PrefixAffinityRouter(MultiplexMixin, RequestRouter):
+    """Ray Serve request router: conversation affinity by rendezvous hashing, load balancing past a threshold.
+    A call that names a model of the on-demand pool first goes among the replicas holding it (Ray's multiplex
+    rule: those, then the ones holding fewest models, then all), affinity deciding within them."""
 
     def initialize_state(self, imbalance_threshold: int = 8, prompt_key_chars: int = 256, **_: Any) -> None:
         self.imbalance_threshold = imbalance_threshold
@@ -83,6 +85,9 @@ class PrefixAffinityRouter(RequestRouter):
         if pending_request is not None:
             # Every rank tried and full: wait before the next round, as Ray's default router does.
             pending_request.routing_context.should_backoff = True
+        if pending_request is not None and pending_request.metadata.multiplexed_model_id:
+            holding = self.apply_multiplex_routing(pending_request=pending_request)
+            candidate_replicas = [r for r in candidate_replicas if r.replica_id in holding] or candidate_replicas
         if len(candidate_replicas) < 2:
             return [list(candidate_replicas)]
         key = None

@@ -84,6 +84,7 @@ class Loader:
         self.state: ModelState = "loading"
         self.reason: str | None = None
         self.detail: str | None = None  # the whole failure, for operators only (never over HTTP)
+        self.error: ServeError | None = None  # why it failed, for a caller that waited for the load
         self.restart: str | None = None  # why Ray Serve should replace this replica (log text, never shown)
         self.phases: dict[str, float] = {}
         self.file: CachedFile | None = None
@@ -114,7 +115,7 @@ class Loader:
             self._fail(ServeError("unexpected"), f"{type(e).__name__}: {e}", restart=True)
 
     def _fail(self, err: ServeError, detail: str, restart: bool) -> None:
-        self.state, self.reason, self.detail = "failed", public_reason(err), detail
+        self.state, self.reason, self.detail, self.error = "failed", public_reason(err), detail, err
         self.restart = detail if restart else None
         log.error("model %s failed to load (%s): %s", self.args.model_name(),
                   "the replica will be replaced" if restart else "permanent; not retrying", detail)

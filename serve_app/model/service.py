@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from serve_app.chat.output import ChatOutput, gather_calls
 from serve_app.config import AppArgs
-from serve_app.engine import GrammarSampler, RequestStream, compile_grammar, gpu_memory
+from serve_app.engine import EngineStats, GrammarSampler, RequestStream, compile_grammar, gpu_memory
 from serve_app.errors import EngineDeadError, InvalidRequestError, NotReadyError, ServeError
 from serve_app.metrics import ModelMetrics
 from serve_app.protocol import (
@@ -46,7 +46,8 @@ GRAMMAR_TIMEOUT_S = 5.0  # compiling a (size-bounded) schema takes milliseconds;
 
 class ModelService:
     def __init__(self, args: AppArgs, fetch: FetchFile, use_gpu: bool,
-                 engine_factory: EngineFactory = default_engine_factory, metrics: ModelMetrics | None = None) -> None:
+                 engine_factory: EngineFactory = default_engine_factory, metrics: ModelMetrics | None = None,
+                 gauges: bool = True) -> None:
         self.args = args
         self.model_id = args.model_name()
         self.use_gpu = use_gpu
@@ -56,13 +57,21 @@ class ModelService:
         self._pool = ThreadPoolExecutor(max_workers=PROMPT_THREADS, thread_name_prefix="prompt")
         self._first_token_logged = False
         self._tasks: list[asyncio.Task[None]] = []
+        self._gauges = gauges  # False: the caller reports gauges for several services together (LlamaPool)
 
     def start(self) -> None:
         """Begin loading (and metric reporting) on the running loop; returns at once."""
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._load()))
-        if self.metrics is not None:
+        if self.metrics is not None and self._gauges:
             self._tasks.append(loop.create_task(self._report_gauges(self.metrics)))
+
+    async def load(self) -> None:
+        """Load in the foreground: return when the model is ready, or raise why it is not (and free it)."""
+        await self._load()
+        if self.loader.state != "ready":
+            await self.aclose()
+            raise self.loader.error or ServeError("the model could not be loaded")
 
     async def _load(self) -> None:
         await self.loader.run()
@@ -74,11 +83,22 @@ class ModelService:
         return self.loader.health_problem()
 
     def close(self) -> None:
+        self._cancel_tasks()
+        self._release()
+
+    async def aclose(self) -> None:
+        """``close`` from the event loop: the blocking part (the engine thread's stop) runs on a worker thread."""
+        self._cancel_tasks()
+        await asyncio.to_thread(self._release)
+
+    def _cancel_tasks(self) -> None:
         for task in self._tasks:
             try:
                 task.cancel()
             except RuntimeError:  # the loop is already closed: nothing left to cancel
                 pass
+
+    def _release(self) -> None:
         # Pool threads tokenize with the model's vocabulary: let the running ones finish before it is freed.
         self._pool.shutdown(wait=True, cancel_futures=True)
         self.loader.close()
@@ -247,24 +267,35 @@ class ModelService:
             first = self.loader.phases["first_token_s"] = time.perf_counter() - self.loader.t0
             if self.metrics is not None:
                 self.metrics.phase.set(first, tags={"phase": "first_token_s"})
-            log.info("first token served %.2f s after the replica started", first)
+            log.info("first token served %.2f s after the model began loading", first)
 
     async def _report_gauges(self, m: ModelMetrics) -> None:
         while True:
             try:
                 loaded = self.loader.loaded
-                if loaded is not None:
-                    st = loaded.engine.stats()
-                    m.queue_depth.set(st.waiting)
-                    m.slots_busy.set(st.slots_busy)
-                    m.slots_free.set(st.slots_total - st.slots_busy)
-                    m.kv_used.set(st.kv_cells_used)
-                    m.kv_ratio.set(st.kv_cells_used / max(1, st.kv_cells_total))
-                if self.use_gpu:
-                    mem = await asyncio.to_thread(gpu_memory)
-                    if mem:
-                        m.gpu_used.set(mem["used_bytes"])
-                        m.gpu_total.set(mem["total_bytes"])
+                await report_gauges(m, [loaded.engine.stats()] if loaded is not None else [], self.use_gpu)
             except Exception:  # metrics must never take the replica down
                 log.debug("gauge update failed", exc_info=True)
             await asyncio.sleep(1.0)
+
+    def engine_stats(self) -> EngineStats | None:
+        loaded = self.loader.loaded
+        return loaded.engine.stats() if loaded is not None else None
+
+
+async def report_gauges(m: ModelMetrics, stats: list[EngineStats], use_gpu: bool) -> None:
+    """A replica's slot, queue and KV gauges, summed over its engines (one, or each model a pool replica holds);
+    nothing while none is loaded."""
+    if stats:
+        busy, total = sum(s.slots_busy for s in stats), sum(s.slots_total for s in stats)
+        used, cells = sum(s.kv_cells_used for s in stats), sum(s.kv_cells_total for s in stats)
+        m.queue_depth.set(sum(s.waiting for s in stats))
+        m.slots_busy.set(busy)
+        m.slots_free.set(total - busy)
+        m.kv_used.set(used)
+        m.kv_ratio.set(used / max(1, cells))
+    if use_gpu:
+        mem = await asyncio.to_thread(gpu_memory)
+        if mem:
+            m.gpu_used.set(mem["used_bytes"])
+            m.gpu_total.set(mem["total_bytes"])

@@ -1,11 +1,14 @@
 """Invariant: the replica-affinity key is the same for every turn of a conversation and differs between
 conversations; rendezvous order is stable and moves only a leaving replica's keys; a replica loses affinity only
 when it is more than the threshold busier than the least loaded one; the builder turns affinity on by default
-with ``engine.n_parallel`` as the threshold, and off leaves Ray's default router."""
+with ``engine.n_parallel`` as the threshold, and off leaves Ray's default router; a call naming a pooled model
+goes only among the replicas holding it (held nowhere: the one holding fewest models), affinity choosing among
+those."""
 
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 from serve_app.builder import llama_model_options
 from serve_app.config import AppArgs
@@ -101,15 +104,54 @@ def test_ray_accepts_the_router_config() -> None:
 class FakeReplica:
     """What ``choose_replicas`` reads of a replica: its id (and Serve's queue-length cache, keyed by it)."""
 
-    def __init__(self, unique_id: str) -> None:
+    def __init__(self, unique_id: str, models: frozenset[str] = frozenset()) -> None:
         from ray.serve._private.common import DeploymentID
         from ray.serve.request_router import ReplicaID
 
         self.replica_id = ReplicaID(unique_id, DeploymentID(name="LlamaModel", app_name="llm"))
         self.max_ongoing_requests = 100
+        self.multiplexed_model_ids = models  # the pooled models it holds (max_models_per_replica)
+
+
+def pending(req: Any, ctx: Any = None, model: str = "") -> Any:
+    """What ``choose_replicas`` reads of a pending request: its arguments, routing context and model id."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(args=[req] if req is not None else [], kwargs={},
+                           routing_context=ctx or SimpleNamespace(should_backoff=False),
+                           metadata=SimpleNamespace(multiplexed_model_id=model))
 
 
 def test_router_ranks_the_conversations_replica_first_and_yields_past_the_threshold() -> None:
+    import asyncio
+
+    from ray.serve._private.common import DeploymentHandleSource, DeploymentID
+
+    from serve_app.model.affinity import PrefixAffinityRouter
+
+    async def scenario() -> None:
+        router = PrefixAffinityRouter(DeploymentID(name="LlamaModel", app_name="llm"), DeploymentHandleSource.UNKNOWN)
+        router.initialize_state(imbalance_threshold=2, prompt_key_chars=256)
+        reps = [FakeReplica(x) for x in ("aa", "bb", "cc")]
+        req = pending(chat("hello"))
+        ranks = await router.choose_replicas(reps, req)
+        assert req.routing_context.should_backoff  # all full: back off, as Ray's default router does
+        home = ranks[0][0]
+        assert len(ranks[0]) == 1 and set(ranks[1]) == set(reps) - {home}
+        later = pending(chat("hello", "hi", "more"), req.routing_context)
+        assert (await router.choose_replicas(reps, later))[0] == [home]
+        for r in reps:
+            router.replica_queue_len_cache.update(r.replica_id, 4 if r is home else 2)
+        assert (await router.choose_replicas(reps, req))[0] == [home]  # 2 more in flight: within the threshold
+        router.replica_queue_len_cache.update(home.replica_id, 5)
+        ranks = await router.choose_replicas(reps, req)  # 3 more: the others first, least loaded chosen by Serve
+        assert set(ranks[0]) == set(reps) - {home} and ranks[1] == [home]
+        info = pending(None, req.routing_context)
+        assert len((await router.choose_replicas(reps, info))[0]) == 2  # no conversation: two at random
+    asyncio.run(scenario())
+
+
+def test_a_pooled_models_requests_go_to_the_replica_holding_it_whatever_the_conversation() -> None:
     import asyncio
     from types import SimpleNamespace
 
@@ -120,21 +162,25 @@ def test_router_ranks_the_conversations_replica_first_and_yields_past_the_thresh
     async def scenario() -> None:
         router = PrefixAffinityRouter(DeploymentID(name="LlamaModel", app_name="llm"), DeploymentHandleSource.UNKNOWN)
         router.initialize_state(imbalance_threshold=2, prompt_key_chars=256)
-        reps = [FakeReplica(x) for x in ("aa", "bb", "cc")]
-        req = SimpleNamespace(args=[chat("hello")], kwargs={},
-                              routing_context=SimpleNamespace(should_backoff=False))
-        ranks = await router.choose_replicas(reps, req)
-        assert req.routing_context.should_backoff  # all full: back off, as Ray's default router does
-        home = ranks[0][0]
-        assert len(ranks[0]) == 1 and set(ranks[1]) == set(reps) - {home}
-        later = SimpleNamespace(args=[chat("hello", "hi", "more")], kwargs={}, routing_context=req.routing_context)
-        assert (await router.choose_replicas(reps, later))[0] == [home]
-        for r in reps:
-            router.replica_queue_len_cache.update(r.replica_id, 4 if r is home else 2)
-        assert (await router.choose_replicas(reps, req))[0] == [home]  # 2 more in flight: within the threshold
-        router.replica_queue_len_cache.update(home.replica_id, 5)
-        ranks = await router.choose_replicas(reps, req)  # 3 more: the others first, least loaded chosen by Serve
-        assert set(ranks[0]) == set(reps) - {home} and ranks[1] == [home]
-        info = SimpleNamespace(args=[], kwargs={}, routing_context=req.routing_context)
-        assert len((await router.choose_replicas(reps, info))[0]) == 2  # no conversation: two at random
+        aa, bb, cc = (FakeReplica("aa", frozenset({"alpha"})), FakeReplica("bb", frozenset({"beta", "alpha"})),
+                      FakeReplica("cc"))
+        router.update_replicas([aa, bb, cc])
+        for i in range(20):
+            ctx = SimpleNamespace(should_backoff=False, multiplexed_start_matching_time=None,
+                                  tried_first_multiplexed_models=False, tried_fewest_multiplexed_models=False)
+            ranks = await router.choose_replicas([aa, bb, cc], pending(chat(f"user {i}"), ctx, "beta"))
+            assert ranks[0] == [bb]
+        # Held by two: affinity decides between those two only.
+        firsts = set()
+        for i in range(20):
+            ctx = SimpleNamespace(should_backoff=False, multiplexed_start_matching_time=None,
+                                  tried_first_multiplexed_models=False, tried_fewest_multiplexed_models=False)
+            ranks = await router.choose_replicas([aa, bb, cc], pending(chat(f"user {i}"), ctx, "alpha"))
+            assert cc not in [r for rank in ranks for r in rank]
+            firsts.add(ranks[0][0].replica_id.unique_id)
+        assert firsts == {"aa", "bb"}
+        # Held nowhere: the replica holding the fewest models loads it.
+        ctx = SimpleNamespace(should_backoff=False, multiplexed_start_matching_time=None,
+                              tried_first_multiplexed_models=False, tried_fewest_multiplexed_models=False)
+        assert (await router.choose_replicas([aa, bb, cc], pending(chat("x"), ctx, "gamma")))[0] == [cc]
     asyncio.run(scenario())
