@@ -257,12 +257,23 @@ class LlamaPool:
         name = serve.get_multiplexed_model_id()
         if not name:
             raise InvalidRequestError("a pooled model is called without its name", param="model")
-        try:
-            r = cast(Resident, await self._held(name))
-        except Exception as e:
-            raise load_error(e, name) from None
-        self.pool.touch(r)
-        return r
+        for _ in range(2):  # a model evicted between its lookup and this call's start is loaded once more
+            try:
+                known = self.pool.residents.get(name)
+                if known is not None and not known.retiring:
+                    r = cast(Resident, await self._held(name))  # held: only marks it most recently used
+                else:
+                    # A load outlives the request that caused it: a client leaving mid-load must not throw away
+                    # the work (or leave Serve's multiplexer believing the model is on its way).
+                    r = cast(Resident, await asyncio.shield(asyncio.ensure_future(self._held(name))))
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                raise load_error(e, name) from None
+            if not r.retiring:
+                self.pool.touch(r)
+                return r
+        raise ModelUnloadedError(f"model '{name}' is being unloaded; send the request again")
 
     def _stamp(self, ev: Any) -> Any:
         if isinstance(ev, Done):
