@@ -150,8 +150,10 @@ class PoolState:
         self.names = names
         self.residents: dict[str, Resident] = {}
         self.preloading = True
+        self.failures: dict[str, str] = {}  # model -> client-safe reason of its last failed load
 
     def touch(self, r: Resident) -> None:
+        self.failures.pop(r.name, None)
         self.residents.pop(r.name, None)
         self.residents[r.name] = r
 
@@ -174,6 +176,10 @@ class PoolState:
         dead = next((i for i in infos if i.state == "failed"), None)
         if dead is not None:
             base = base.model_copy(update={"state": "failed", "reason": dead.reason, "detail": dead.detail})
+        elif not held and not self.preloading and self.failures:
+            # Nothing held and the models tried could not load: nothing would be served, so not ready.
+            name, why = next(iter(self.failures.items()))
+            base = base.model_copy(update={"state": "failed", "reason": f"{name}: {why}"})
         return base.model_copy(update={"loaded_models": [r.name for r in held]})
 
     def health_problem(self) -> str | None:
@@ -240,7 +246,8 @@ class LlamaPool:
                 try:
                     await self._held(name)
                 except Exception as e:  # the request that needs it will try again and get the error
-                    log.warning("preloading model %s failed: %s", name, load_error(e, name).message)
+                    self.pool.failures[name] = public_reason(load_error(e, name))
+                    log.warning("preloading model %s failed", name)
         finally:
             self.pool.preloading = False
 
@@ -269,7 +276,9 @@ class LlamaPool:
             except asyncio.CancelledError:
                 raise
             except Exception as e:
-                raise load_error(e, name) from None
+                err = load_error(e, name)
+                self.pool.failures[name] = public_reason(err)
+                raise err from None
             if not r.retiring:
                 self.pool.touch(r)
                 return r

@@ -1,9 +1,9 @@
-"""Invariant: unloading a model of the on-demand pool never breaks a stream mid-way without saying so and never
-frees an engine under a running request. An evicted model takes no new calls; a stream that finishes within the
-grace period finishes normally (every token, ``finish_reason`` length) before the model is freed; one still
-running when the grace period ends stops with the retryable ``model_unloaded`` error; afterwards the engine is
-gone. Ray Serve's multiplexer evicts by calling ``__del__`` on a worker thread and waiting for it: that call
-returns only once the model is retired.
+"""Invariant: unloading a model of the on-demand pool never breaks a stream mid-way without saying so and never frees
+an engine under a running request. An evicted model takes no new calls; a stream that finishes within the grace
+period finishes normally (every token, ``finish_reason`` length) before the model is freed; one still running when
+the grace period ends stops with the retryable ``model_unloaded`` error; afterwards the engine is gone. A replica
+reports ``failed`` only when it holds nothing and its loads failed. Ray Serve's multiplexer evicts by calling
+``__del__`` on a worker thread and waiting for it: that call returns only once the model is retired.
 
 A real llama.cpp engine (``ModelService`` on a small written GGUF), without Ray: the pool's Ray side is covered by
 test_model_pool.py.
@@ -118,5 +118,22 @@ def test_ray_serves_eviction_call_blocks_until_the_model_is_retired(model_path: 
         n, last, _ = task.result()
         assert n == 200 and isinstance(last, Done)
         r.__del__()  # garbage collection later: nothing left to do, nothing raised
+
+    asyncio.run(run())
+
+
+def test_a_replica_is_ready_while_it_holds_or_can_load_a_model_and_failed_when_nothing_loads(model_path: str) -> None:
+    async def run() -> None:
+        pool = PoolState("LlamaModel", ["m", "bad"])
+        assert (await pool.info()).state == "loading"  # preloading
+        pool.preloading = False
+        assert (await pool.info()).state == "ready"  # nothing held yet, nothing failed: a request loads one
+        pool.failures["bad"] = "local_file_not_found: the local model file was not found"
+        info = await pool.info()
+        assert info.state == "failed" and info.reason and info.reason.startswith("bad: local_file_not_found")
+        r = await resident(model_path, 1.0, pool)
+        info = await pool.info()
+        assert info.state == "ready" and info.loaded_models == ["m"] and info.slots_total == 2
+        await r.retire()
 
     asyncio.run(run())
