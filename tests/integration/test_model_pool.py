@@ -123,10 +123,12 @@ def test_an_unknown_model_is_still_a_404_listing_the_pool(pool_app: str) -> None
 
 
 def test_pool_state_is_reported_per_replica_and_ready(pool_app: str) -> None:
-    assert httpx.get(f"{pool_app}/ready").status_code == 200
+    ready = httpx.get(f"{pool_app}/ready")
     stats = httpx.get(f"{pool_app}/stats").json()
+    assert ready.status_code == 200, (ready.text, stats)
     assert {r["model"] for r in stats["replicas"]} == {"LlamaModel"}
-    assert all(r["slots_total"] == 2 for r in stats["replicas"])  # one held model of 2 slots each
+    # One held model of 2 slots each (each replica holds one after the previous tests).
+    assert [r["slots_total"] for r in stats["replicas"]] == [2, 2], stats
 
 
 def test_the_pool_config_is_checked_at_deploy_time() -> None:
