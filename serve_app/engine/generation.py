@@ -7,6 +7,7 @@ prefilling ``tokens()`` (its prompt and the output so far), so nothing it alread
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -84,6 +85,11 @@ class Generation:
         self.n_logprobs = p.logprobs
         self.logprobs: list[TokenLogprob] = []  # kept only when not streaming
         self._lp: TokenLogprob | None = None  # the last picked token's, until ``accept``
+        # Logprobs wait with their token's text: sent once some of it is (a stop string may hold it back, and then
+        # cut it), so the logprobs always describe the returned text. (where the token's text starts, its logprob)
+        self._lp_held: deque[tuple[int, TokenLogprob]] = deque()
+        self._raw_chars = 0  # characters of output before stop strings are applied
+        self._sent_chars = 0  # characters of output sent (or kept, when not streaming)
         self.utf8 = Utf8Stream()
         self.stops = StopMatcher(p.stop)
         self.text: list[str] = []  # the output so far, kept only when not streaming
@@ -125,18 +131,33 @@ class Generation:
             self.grammar.accept(tok)
         lp, self._lp = self._lp, None
         self.out_tokens.append(tok)
-        text, stopped = self.stops.push(self.utf8.push(self.model.piece(tok)))
+        raw = self.utf8.push(self.model.piece(tok))
+        if lp is not None:
+            self._lp_held.append((self._raw_chars, lp))
+        self._raw_chars += len(raw)
+        text, stopped = self.stops.push(raw)
+        lps = self._release(text, stopped)
         delta = None
         if not self.req.stream:
             self.text.append(text)
-            if lp is not None:
-                self.logprobs.append(lp)
-        elif text or not stopped or lp is not None:
-            delta = Delta(text, 1, None if lp is None else [lp])
+            self.logprobs.extend(lps or ())
+        elif text or not stopped or lps:
+            delta = Delta(text, 1, lps)
         if stopped:
             self.stopped_on_string = True
             return delta, "stop"
         return delta, "length" if self.generated >= self.budget else None
+
+    def _release(self, text: str, stopped: bool) -> list[TokenLogprob] | None:
+        """The held logprobs whose token's text has begun to be sent, now that ``text`` is; after a stop string,
+        those of the tokens it cut are dropped."""
+        self._sent_chars += len(text)
+        out: list[TokenLogprob] = []
+        while self._lp_held and self._lp_held[0][0] < self._sent_chars:
+            out.append(self._lp_held.popleft()[1])
+        if stopped:
+            self._lp_held.clear()
+        return out or None
 
     def final_events(self, reason: FinishReason) -> list[Event]:
         """The held-back text (unless a stop string ended it), the whole text when not streaming, and Done."""
@@ -144,10 +165,13 @@ class Generation:
         if not self.stopped_on_string:
             tail, _ = self.stops.push(self.utf8.flush())
             tail += self.stops.flush()
-            if tail and self.req.stream:
-                out.append(Delta(tail, 0))
-            elif tail:
+            lps = [lp for _, lp in self._lp_held] or None  # everything is sent now, empty tokens included
+            self._lp_held.clear()
+            if (tail or lps) and self.req.stream:
+                out.append(Delta(tail, 0, lps))
+            elif tail or lps:
                 self.text.append(tail)
+                self.logprobs.extend(lps or ())
         if not self.req.stream:
             out.append(Delta("".join(self.text), self.generated,
                              self.logprobs if self.n_logprobs is not None else None))

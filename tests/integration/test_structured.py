@@ -49,11 +49,11 @@ def loaded(tiny_model: Path):
 
 
 async def run(loaded, params: SamplingParams, spec: GrammarSpec | None = None, prompt: str = PROMPT,
-              grammar: GrammarSampler | None = None) -> tuple[str, Done, list[TokenLogprob]]:
+              grammar: GrammarSampler | None = None, stream: bool = True) -> tuple[str, Done, list[TokenLogprob]]:
     eng, model = loaded
     if spec is not None and grammar is None:
         grammar = compile_grammar(spec, model)
-    s = open_stream(eng, "t", model.tokenize(prompt, True, False), params, grammar=grammar)
+    s = open_stream(eng, "t", model.tokenize(prompt, True, False), params, stream=stream, grammar=grammar)
     text, lps = [], []
     async for ev in s.events():
         if isinstance(ev, Delta):
@@ -156,6 +156,26 @@ def test_logprobs_are_the_models_distribution(loaded) -> None:
         assert a.token == b.token and abs(a.logprob - b.logprob) < 1e-3
     for lp in sampled[2]:  # constrained tokens may be unlikely ones: logprob <= 0, not necessarily the top
         assert lp.logprob <= 0 and len(lp.top) == 2
+
+
+def test_logprobs_describe_the_returned_text_when_a_stop_string_cuts_it(loaded) -> None:
+    free, _, lps = asyncio.run(run(loaded, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True,
+                                                          logprobs=0)))
+    offset, k = 0, -1
+    for i, lp in enumerate(lps[:-1]):  # a stop string from the start of token i into token i + 1
+        stop = lp.token + lps[i + 1].token[:1]
+        if i >= 3 and lp.token and lps[i + 1].token and free.find(stop) == offset:
+            k = i
+            break
+        offset += len(lp.token)
+    assert k > 0, lps
+    stop = lps[k].token + lps[k + 1].token[:1]
+    for stream in (True, False):
+        p = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=0, stop=[stop])
+        text, done, got = asyncio.run(run(loaded, p, stream=stream))
+        assert text == free[:offset] and done.finish_reason == "stop"
+        # Token k was held back as the start of the stop string, then cut: neither it nor token k + 1 is described.
+        assert [lp.token for lp in got] == [lp.token for lp in lps[:k]] and "".join(lp.token for lp in got) == text
 
 
 # ---- over HTTP and RunPod ------------------------------------------------------------------------------------
