@@ -105,6 +105,8 @@ def _human(info: dict[str, Any]) -> str:
     state = info.get("state", "present")
     where = info.get("path") or f"{info.get('repo_id')}/{info.get('filename')}"
     extra = f"  {info['size']} bytes  sha256 {info['sha256']}" if info.get("sha256") else ""
+    if info.get("adoptable_from"):
+        extra += f"  (in the Hugging Face cache {info['adoptable_from']}: the next pull adopts it)"
     return f"{state:8} {where}{extra}"
 
 

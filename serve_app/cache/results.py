@@ -40,6 +40,8 @@ class CacheStatus(BaseModel):
     sha256: str | None = None
     verified_at: str | None = None
     parts: list[str] = []
+    # Missing here but held by a Hugging Face cache (unverified until adopted, as ``ensure`` or ``adopt`` does).
+    adoptable_from: str | None = None
 
 
 @dataclass

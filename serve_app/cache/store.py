@@ -46,7 +46,7 @@ from serve_app.cache.results import (
     local_cached,
     present,
 )
-from serve_app.cache.sources import BakedImage, known_in
+from serve_app.cache.sources import BakedImage, HfCache, known_in
 from serve_app.config import DownloadConfig, ModelRef
 from serve_app.errors import NotCachedError, ServeError
 from serve_app.retry import Deadline, RetriesExhausted, retry
@@ -227,14 +227,19 @@ class ModelStore:
         known = self._known(ref)
         if known is None:
             if Settings().hf_offline:
-                return CacheStatus(state="missing", repo_id=repo_id, filename=ref.filename, revision=ref.revision)
+                return CacheStatus(state="missing", repo_id=repo_id, filename=ref.filename, revision=ref.revision,
+                                   adoptable_from=self._adoptable(ref))
             listing = self._listing(HubClient(), ref)
             known = listing.commit, [f.name for f in select_files(listing, ref.filename)]
         state, records = self._checker.evaluate(repo_id, known[0], known[1], rehash=rehash)
         if state == "missing" or len(records) != len(known[1]):
             return CacheStatus(state="missing", repo_id=repo_id, filename=known[1][0], revision=ref.revision,
-                               commit=known[0])
+                               commit=known[0], adoptable_from=self._adoptable(ref))
         return CacheStatus(state=state, **cached_from_records(self.layout, ref.revision, records).model_dump())
+
+    def _adoptable(self, ref: ModelRef) -> str | None:
+        """The first configured Hugging Face cache holding every part of ``ref`` (not verified here: read-only)."""
+        return next((d for d in self.hf_cache_dirs if os.path.isdir(d) and HfCache(d).find(ref)), None)
 
     def _fetch(self, ref: ModelRef, resolve: ModelRef) -> CachedFile:
         """Resolve ``resolve`` on the Hub and obtain its files; the manifest pins ``ref`` to the result."""

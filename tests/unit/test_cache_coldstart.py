@@ -2,7 +2,8 @@
 GGUF_SERVE_HF_CACHE_DIRS): a model in a Hugging Face cache (RunPod's cached models) is used only
 after its bytes matched the Hub's sha256 (or, with the Hub unreachable, the hash the cache recorded), a corrupt
 one is never used and is downloaded instead, and the source cache is never modified; a baked read-only directory
-is consulted first, never written, and survives a separate (empty) volume; ``adopt`` answers with its exit code
+is consulted first, never written, and survives a separate (empty) volume; ``status`` of a model missing from the
+volume names the Hugging Face cache that holds it, changing nothing; ``adopt`` answers with its exit code
 and one error line. The Hugging Face caches are written by the real ``hf_hub_download`` from the loopback Hub.
 """
 
@@ -100,6 +101,15 @@ def test_hf_cache_file_is_verified_against_the_hub_and_adopted_without_download(
         assert again.path == got.path and model_hub.requests == []
     finally:
         writable(cache)
+
+
+def test_status_names_the_hugging_face_cache_a_missing_model_would_be_adopted_from(
+        model_hub: FakeHub, tmp_path: Path) -> None:
+    cache = hf_cache(model_hub, tmp_path / "hf")
+    st = store(tmp_path / "vol", hf=[cache]).status(REF)
+    assert st.state == "missing" and st.adoptable_from == str(cache)
+    assert not [p for p in (tmp_path / "vol").rglob("*") if p.is_file() and p.stat().st_size == len(DATA)]
+    assert store(tmp_path / "vol2").status(REF).adoptable_from is None  # no such cache configured
 
 
 def test_copy_mode_gives_the_volume_its_own_inode(model_hub: FakeHub, tmp_path: Path) -> None:
