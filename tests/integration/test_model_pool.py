@@ -2,16 +2,17 @@
 whose replicas load a model on its first request and hold at most N: each replica preloads the first model; a
 request for another model loads it on one replica, unloading that replica's least recently used model; from then
 on that model's requests go to the replica holding it (Ray Serve's multiplexed routing through our request
-router), and the other models' requests to the replicas holding those; a model that cannot load answers with its
-error; ``/v1/models`` lists every model whether
+router), and the other models' requests to the replicas holding those; an eviction waits for the running stream
+of the model it unloads; a model that cannot load answers with its error; ``/v1/models`` lists every model whether
 held or not; ``/stats`` tells which replica holds what; an unknown model is still a 404.
 
-Two replicas, N = 1, two tiny chat models and one whose file is missing (its requests get the load error; the
+Two replicas, N = 1, three tiny chat models and one whose file is missing (its requests get the load error; the
 others keep answering); the stream-level eviction guarantees are in test_pool_eviction.py.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -27,7 +28,7 @@ from tests.support.gguf_factory import ModelSpec, write_gguf
 pytestmark = pytest.mark.timeout(240)
 
 APP, PREFIX = "pool", "/pool"
-ALPHA, BETA, BROKEN = "alpha", "beta", "broken"
+ALPHA, BETA, GAMMA, BROKEN = "alpha", "beta", "gamma", "broken"
 
 
 @pytest.fixture(scope="module")
@@ -36,11 +37,12 @@ def pool_app(ray_session: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
     d = tmp_path_factory.mktemp("pool")
     beta = write_gguf(d / "beta.gguf", ModelSpec(seed=7, name="beta"))
+    gamma = write_gguf(d / "gamma.gguf", ModelSpec(seed=11, name="gamma"))
     args = {
         "models": [{"repo_id": TEST_REPO, "filename": TEST_FILE, "name": ALPHA}, {"filename": beta, "name": BETA},
-                   {"filename": str(d / "missing.gguf"), "name": BROKEN}],
+                   {"filename": gamma, "name": GAMMA}, {"filename": str(d / "missing.gguf"), "name": BROKEN}],
         "max_models_per_replica": 1, "replicas": {"num_replicas": 2},
-        "engine": {"n_parallel": 2, "n_ctx_per_slot": 256, "n_batch": 256, "n_ubatch": 256, "n_threads": 1},
+        "engine": {"n_parallel": 2, "n_ctx_per_slot": 2048, "n_batch": 256, "n_ubatch": 256, "n_threads": 1},
         "cache_dir": str(d / "volume"), "accelerator": "cpu",
     }
     plain = builder.llama_model_options
@@ -90,7 +92,7 @@ def ask(base: str, model: str) -> dict[str, Any]:
 
 def test_models_load_on_demand_evict_lru_and_route_to_their_holder(pool_app: str) -> None:
     ids = [m["id"] for m in httpx.get(f"{pool_app}/v1/models").json()["data"]]
-    assert ids == [ALPHA, BETA, BROKEN]
+    assert ids == [ALPHA, BETA, GAMMA, BROKEN]
     # Each replica preloads the default (first) model, within its limit of one.
     assert sorted(wait_held(pool_app, [[ALPHA], [ALPHA]]).values()) == [[ALPHA], [ALPHA]]
 
@@ -107,6 +109,51 @@ def test_models_load_on_demand_evict_lru_and_route_to_their_holder(pool_app: str
     assert held(pool_app) == now  # no thrashing: nothing was loaded again
 
 
+def test_eviction_lets_the_evicted_models_stream_finish_first(pool_app: str) -> None:
+    """Each replica holds one model with a long stream running on it; a third model must evict one of them: the
+    stream finishes whole (the eviction waits for it), then the third model loads and answers."""
+    import threading
+
+    before = held(pool_app)
+    assert sorted(before.values()) == [[ALPHA], [BETA]], before
+    ends: dict[str, float] = {}
+    finished: dict[str, tuple[int, str]] = {}
+    started = {m: threading.Event() for m in (ALPHA, BETA)}
+
+    def stream(model: str) -> None:
+        body = {"model": model, "prompt": "the quick brown fox", "max_tokens": 1500, "temperature": 0,
+                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+        n, reason = 0, ""
+        with httpx.stream("POST", f"{pool_app}/v1/completions", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                started[model].set()
+                chunk = json.loads(line[6:])
+                assert "error" not in chunk, chunk
+                if chunk.get("usage"):
+                    n = chunk["usage"]["completion_tokens"]
+                reason = next((c["finish_reason"] for c in chunk.get("choices", []) if c.get("finish_reason")),
+                              reason)
+        ends[model] = time.perf_counter()
+        finished[model] = (n, reason)
+
+    threads = [threading.Thread(target=stream, args=(m,)) for m in (ALPHA, BETA)]
+    for t in threads:
+        t.start()
+    for e in started.values():
+        assert e.wait(30)
+    ask(pool_app, GAMMA)  # held nowhere: one replica must unload alpha or beta, with its stream running
+    gamma_done = time.perf_counter()
+    for t in threads:
+        t.join(120)
+    assert finished == {ALPHA: (1500, "length"), BETA: (1500, "length")}
+    now = held(pool_app)
+    assert sorted(now.values()) in ([[ALPHA], [GAMMA]], [[BETA], [GAMMA]]), now
+    evicted = BETA if [ALPHA] in now.values() else ALPHA
+    assert gamma_done >= ends[evicted]  # the load waited for the evicted model's stream to end
+
+
 def test_a_model_that_cannot_load_is_an_error_and_the_others_still_answer(pool_app: str) -> None:
     r = httpx.post(f"{pool_app}/v1/completions", timeout=60,
                    json={"model": BROKEN, "prompt": "x", "max_tokens": 1})
@@ -117,7 +164,7 @@ def test_a_model_that_cannot_load_is_an_error_and_the_others_still_answer(pool_a
 
 
 def test_an_unknown_model_is_still_a_404_listing_the_pool(pool_app: str) -> None:
-    r = httpx.post(f"{pool_app}/v1/completions", json={"model": "gamma", "prompt": "x", "max_tokens": 1})
+    r = httpx.post(f"{pool_app}/v1/completions", json={"model": "delta", "prompt": "x", "max_tokens": 1})
     assert r.status_code == 404
     assert ALPHA in r.json()["error"]["message"] and BETA in r.json()["error"]["message"]
 
