@@ -1,23 +1,38 @@
 #!/usr/bin/env python3
 """Aggregate completion tokens/s of 1 vs 2 LlamaModel replicas (one llama.cpp thread each) on the same machine,
 side by side: two applications of the full graph (HTTP -> Ingress -> LlamaModel) are deployed at once, ``one``
-with one replica and ``two`` with two, identical otherwise, and measured interleaved under the same offered load
-(waves of ``--concurrency`` requests, ``--tokens`` each), the order rotated each repetition, best of ``--reps``.
-Target: two / one >= 1.8 on a machine with at least two free cores. Prints one JSON object.
+with one replica and ``two`` with two, identical otherwise, and measured interleaved under the same offered load,
+the order rotated each repetition, best of ``--reps``. Target: two / one >= 1.8 on a machine with at least two
+free cores. Prints one JSON object.
+
+The load: waves of ``--concurrency`` requests sent at once (the default), or with ``--closed-loop``
+``--concurrency`` users that each send their next request as soon as the previous one returned, until
+``--requests`` are done. ``--stream`` asks for SSE streams (every token relayed by the Ingress and the proxy).
+
+``--ceiling`` also measures, in the same run, what this machine allows without Ray: the same engine (same model,
+slots, one thread) in one process alone, then in two processes at once, each driven directly (no HTTP) with the
+same load a replica gets (all of it alone, half of it each for two): ``ceiling_two_over_one`` is the best ratio
+the box can give. ``cpu_s_per_1k_tokens`` splits the CPU time every process of the run spent during the measured
+windows (replicas, Ingress, proxy, the client) per 1000 completion tokens: what the Ray path costs next to the
+engine.
 
     python bench/bench_scaleout.py                        # ~150M F16 model written on the fly (BENCH_SPEC)
     python bench/bench_scaleout.py --small --reps 3       # a ~25M model: shorter run, same shape of result
+    python bench/bench_scaleout.py --small --closed-loop --ceiling
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,34 +42,166 @@ from tests.support.gguf_factory import BENCH_SPEC, ModelSpec, write_gguf  # noqa
 
 SMALL_SPEC = ModelSpec(n_layer=6, n_embd=512, n_head=8, n_head_kv=4, n_ff=1536, ctx=2048, name="bench-25m")
 WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly brew potions".split()
+Send = Callable[[int], Awaitable[int]]
+
+
+def engine_args(slots: int) -> dict[str, Any]:
+    return {"n_parallel": slots, "n_ctx_per_slot": 512, "n_threads": 1, "max_queued_requests": 256,
+            "flash_attn": "on"}
 
 
 def app_args(model: str, volume: str, replicas: int, slots: int) -> dict[str, Any]:
-    return {"model": {"filename": model}, "cache_dir": volume, "accelerator": "cpu",
-            "engine": {"n_parallel": slots, "n_ctx_per_slot": 512, "n_threads": 1, "max_queued_requests": 256,
-                       "flash_attn": "on"},
+    return {"model": {"filename": model}, "cache_dir": volume, "accelerator": "cpu", "engine": engine_args(slots),
             "replicas": {"num_replicas": replicas}}
 
 
-async def one_request(client: Any, prefix: str, i: int, tokens: int) -> int:
-    prompt = f"[{i}] " + " ".join(WORDS[(i + k) % len(WORDS)] for k in range(12))
-    r = await client.post(f"{prefix}/v1/completions", json={"prompt": prompt, "max_tokens": tokens,
-                                                            "ignore_eos": True, "temperature": 0})
-    r.raise_for_status()
-    return int(r.json()["usage"]["completion_tokens"])
+def prompt(i: int) -> str:
+    return f"[{i}] " + " ".join(WORDS[(i + k) % len(WORDS)] for k in range(12))
 
 
-async def throughput(base: str, prefix: str, concurrency: int, requests: int, tokens: int) -> float:
-    """Completion tokens/s over ``requests`` requests sent in waves of ``concurrency`` at once."""
-    import httpx
+async def offered_load(send: Send, concurrency: int, requests: int, closed_loop: bool) -> int:
+    """Completion tokens of ``requests`` requests: in waves of ``concurrency``, or ``concurrency`` closed-loop
+    users. Results are collected in a list: ``total += await ...`` in a coroutine reads ``total`` before the
+    await and loses every other user's tokens counted meanwhile."""
+    done: list[int] = []
+    if closed_loop:
+        ids = itertools.count()
 
-    total = 0
-    async with httpx.AsyncClient(base_url=base, timeout=600) as client:
-        t0 = time.perf_counter()
+        async def user() -> None:
+            while (i := next(ids)) < requests:
+                done.append(await send(i))
+
+        await asyncio.gather(*(user() for _ in range(concurrency)))
+    else:
         for start in range(0, requests, concurrency):
             n = min(concurrency, requests - start)
-            total += sum(await asyncio.gather(*(one_request(client, prefix, start + i, tokens) for i in range(n))))
+            done.extend(await asyncio.gather(*(send(start + i) for i in range(n))))
+    return sum(done)
+
+
+async def http_throughput(base: str, prefix: str, concurrency: int, requests: int, tokens: int,
+                          closed_loop: bool, stream: bool) -> float:
+    """Completion tokens/s of the full graph under the offered load."""
+    import httpx
+
+    body = {"max_tokens": tokens, "ignore_eos": True, "temperature": 0}
+    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+    async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as client:
+        async def send(i: int) -> int:
+            if not stream:
+                r = await client.post(f"{prefix}/v1/completions", json={**body, "prompt": prompt(i)})
+                r.raise_for_status()
+                return int(r.json()["usage"]["completion_tokens"])
+            req = {**body, "prompt": prompt(i), "stream": True, "stream_options": {"include_usage": True}}
+            n = 0
+            async with client.stream("POST", f"{prefix}/v1/completions", json=req) as r:
+                r.raise_for_status()
+                async for line in r.aiter_lines():
+                    if line.startswith("data: {") and '"usage":{' in line:
+                        n = int(json.loads(line[6:])["usage"]["completion_tokens"])
+            return n
+
+        t0 = time.perf_counter()
+        total = await offered_load(send, concurrency, requests, closed_loop)
         return total / (time.perf_counter() - t0)
+
+
+# ---- the no-Ray ceiling: engines in plain processes ----------------------------------------------------------
+
+
+def engine_worker(model: str, slots: int) -> None:
+    """One engine in this process, driven directly; per line read from stdin ("users requests tokens closed"),
+    one measurement, answered with one JSON line (wall-clock start and end, so two processes can be added up)."""
+    from serve_app.config import EngineConfig
+    from serve_app.engine import load_engine, open_stream
+    from serve_app.protocol import Done, SamplingParams
+
+    eng, handle, _ = load_engine(model, EngineConfig(**engine_args(slots)), want_gpu=False)
+
+    async def run(users: int, requests: int, tokens: int, closed: bool) -> dict[str, float]:
+        params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+
+        async def send(i: int) -> int:
+            s = open_stream(eng, f"r{i}", handle.tokenize(prompt(i), True, False), params, False)
+            async for ev in s.events():
+                if isinstance(ev, Done):
+                    return ev.usage.completion_tokens
+            raise RuntimeError("the engine ended a request without a result")
+
+        t0 = time.time()
+        n = await offered_load(send, users, requests, closed)
+        return {"tokens": n, "t0": t0, "t1": time.time()}
+
+    print("ready", flush=True)
+    for line in sys.stdin:
+        users, requests, tokens, closed = (int(x) for x in line.split())
+        print(json.dumps(asyncio.run(run(users, requests, tokens, bool(closed)))), flush=True)
+    eng.shutdown()
+
+
+class Ceiling:
+    """Two engine processes, loaded once; ``measure(k)`` drives the first ``k`` of them at once."""
+
+    def __init__(self, model: str, slots: int) -> None:
+        cmd = [sys.executable, __file__, "--engine-worker", "--model", model, "--slots", str(slots)]
+        self.procs = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                       text=True) for _ in range(2)]
+        for p in self.procs:
+            assert p.stdout is not None
+            if p.stdout.readline().strip() != "ready":
+                raise RuntimeError("an engine process failed to load")
+
+    def measure(self, k: int, users: int, requests: int, tokens: int, closed: bool) -> float:
+        """Aggregate tokens/s of ``k`` engines at once, each with 1/k of the load."""
+        for p in self.procs[:k]:
+            assert p.stdin is not None
+            p.stdin.write(f"{max(1, users // k)} {max(1, requests // k)} {tokens} {int(closed)}\n")
+            p.stdin.flush()
+        res = [json.loads(p.stdout.readline()) for p in self.procs[:k] if p.stdout is not None]
+        return sum(r["tokens"] for r in res) / (max(r["t1"] for r in res) - min(r["t0"] for r in res))
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.stdin is not None:
+                p.stdin.close()
+            p.wait(30)
+
+
+# ---- CPU accounting ------------------------------------------------------------------------------------------
+
+
+def cpu_times() -> dict[str, float]:
+    """CPU seconds so far of this process (the client) and of every Ray process, by role (the engine processes of
+    ``--ceiling`` have exited by then)."""
+    import psutil
+
+    out: dict[str, float] = {}
+    for p in psutil.process_iter(["cmdline", "cpu_times"]):
+        cmd = " ".join(p.info["cmdline"] or ())
+        if p.pid == os.getpid():
+            role = "client"
+        elif cmd.startswith("ray::ServeReplica:"):
+            role = cmd.split()[0].removeprefix("ray::ServeReplica:")  # app:Deployment
+        elif cmd.startswith("ray::ProxyActor"):
+            role = "proxy"
+        elif cmd.startswith("ray::"):
+            role = "ray_other"  # the Serve controller, idle workers
+        elif "raylet" in cmd or "gcs_server" in cmd or "/site-packages/ray/" in cmd:
+            role = "ray_system"  # raylet, GCS, agents
+        else:
+            continue
+        t = p.info["cpu_times"]
+        if t is not None:
+            out[role] = out.get(role, 0.0) + t.user + t.system
+    return out
+
+
+def cpu_split(before: dict[str, float], after: dict[str, float], tokens: float) -> dict[str, float]:
+    return {k: round((after[k] - before.get(k, 0.0)) / tokens * 1e3, 3) for k in sorted(after)
+            if after[k] - before.get(k, 0.0) > 0.005}
+
+
+# ---- main ----------------------------------------------------------------------------------------------------
 
 
 def wait_ready(url: str, timeout: float = 300) -> None:
@@ -67,7 +214,7 @@ def wait_ready(url: str, timeout: float = 300) -> None:
         time.sleep(0.5)
 
 
-def main() -> None:
+def parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", help="a GGUF file; default: BENCH_SPEC (or --small) written on the fly")
     ap.add_argument("--small", action="store_true", help="a ~25M model instead of the ~150M bench model")
@@ -76,7 +223,18 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=32, help="requests per measurement")
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--reps", type=int, default=2)
-    a = ap.parse_args()
+    ap.add_argument("--closed-loop", action="store_true", help="closed-loop users instead of waves")
+    ap.add_argument("--stream", action="store_true", help="SSE streams instead of one JSON answer per request")
+    ap.add_argument("--ceiling", action="store_true", help="also 1 vs 2 engines in plain processes (no Ray)")
+    ap.add_argument("--engine-worker", action="store_true", help=argparse.SUPPRESS)
+    return ap.parse_args()
+
+
+def main() -> None:
+    a = parse()
+    if a.engine_worker:
+        engine_worker(a.model, a.slots)
+        return
 
     import ray
     from ray import serve
@@ -87,6 +245,17 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="bench-scaleout-")
     spec = SMALL_SPEC if a.small else BENCH_SPEC
     model = a.model or write_gguf(os.path.join(tmp, f"{spec.name}.gguf"), spec)
+    load = (a.concurrency, a.requests, a.tokens, a.closed_loop)
+    ceiling: dict[str, list[float]] = {"one": [], "two": []}
+    if a.ceiling:  # before Ray starts, so nothing else runs on the box
+        eng = Ceiling(model, a.slots)
+        try:
+            eng.measure(2, a.concurrency, a.concurrency, 8, a.closed_loop)  # warm both
+            for rep in range(a.reps):
+                for name in (("one", "two") if rep % 2 == 0 else ("two", "one")):
+                    ceiling[name].append(eng.measure(1 if name == "one" else 2, *load))
+        finally:
+            eng.close()
     port = free_port()
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -97,20 +266,33 @@ def main() -> None:
                       route_prefix=f"/{name}", blocking=False)
         for name in ("one", "two"):
             wait_ready(f"{base}/{name}/ready")
-        asyncio.run(throughput(base, "/two", a.concurrency, a.concurrency, 8))  # warm both replicas' paths
-        asyncio.run(throughput(base, "/one", a.concurrency, a.concurrency, 8))
+        for name in ("two", "one"):  # warm both replicas' paths
+            asyncio.run(http_throughput(base, f"/{name}", a.concurrency, a.concurrency, 8, False, a.stream))
         runs: dict[str, list[float]] = {"one": [], "two": []}
+        cpu: dict[str, dict[str, float]] = {}
         for rep in range(a.reps):
             for name in (("one", "two") if rep % 2 == 0 else ("two", "one")):
-                runs[name].append(asyncio.run(throughput(base, f"/{name}", a.concurrency, a.requests, a.tokens)))
+                before = cpu_times()
+                rate = asyncio.run(http_throughput(base, f"/{name}", *load, a.stream))
+                runs[name].append(rate)
+                if rate >= max(runs[name]):
+                    cpu[name] = cpu_split(before, cpu_times(), a.requests * a.tokens)
         best = {k: max(v) for k, v in runs.items()}
-        print(json.dumps({
+        out: dict[str, Any] = {
             "model": os.path.basename(model), "threads_per_replica": 1, "slots_per_replica": a.slots,
+            "load": "closed_loop" if a.closed_loop else "waves", "stream": a.stream,
             "concurrency": a.concurrency, "requests": a.requests, "tokens_per_request": a.tokens,
             "one_replica_tok_s": round(best["one"], 1), "two_replicas_tok_s": round(best["two"], 1),
             "two_over_one": round(best["two"] / best["one"], 2), "cpus": os.cpu_count(),
             "runs_tok_s": {k: [round(x, 1) for x in v] for k, v in runs.items()},
-        }, indent=2))
+            "cpu_s_per_1k_tokens": cpu,
+        }
+        if a.ceiling:
+            top = {k: max(v) for k, v in ceiling.items()}
+            out |= {"ceiling_one_engine_tok_s": round(top["one"], 1), "ceiling_two_engines_tok_s": round(top["two"], 1),
+                    "ceiling_two_over_one": round(top["two"] / top["one"], 2),
+                    "ceiling_runs_tok_s": {k: [round(x, 1) for x in v] for k, v in ceiling.items()}}
+        print(json.dumps(out, indent=2))
     finally:
         serve.shutdown()
         ray.shutdown()
