@@ -5,9 +5,9 @@ with one replica and ``two`` with two, identical otherwise, and measured interle
 the order rotated each repetition, best of ``--reps``. Target: two / one >= 1.8 on a machine with at least two
 free cores. Prints one JSON object.
 
-The load: waves of ``--concurrency`` requests sent at once (the default), or with ``--closed-loop``
+The load (``--loads``): ``waves`` of ``--concurrency`` requests sent at once (the default), and/or ``closed``:
 ``--concurrency`` users that each send their next request as soon as the previous one returned, until
-``--requests`` are done. ``--stream`` asks for SSE streams (every token relayed by the Ingress and the proxy).
+``--requests`` are done; several loads are measured interleaved (``by_load``). ``--stream`` asks for SSE streams (every token relayed by the Ingress and the proxy).
 
 ``--ceiling`` also measures, in the same run, what this machine allows without Ray: the same engine (same model,
 slots, one thread) in one process alone, then in two processes at once, each driven directly (no HTTP) with the
@@ -18,7 +18,7 @@ engine.
 
     python bench/bench_scaleout.py                        # ~150M F16 model written on the fly (BENCH_SPEC)
     python bench/bench_scaleout.py --small --reps 3       # a ~25M model: shorter run, same shape of result
-    python bench/bench_scaleout.py --small --closed-loop --ceiling
+    python bench/bench_scaleout.py --small --loads waves closed --ceiling
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -80,8 +81,8 @@ async def offered_load(send: Send, concurrency: int, requests: int, closed_loop:
 
 
 async def http_throughput(base: str, prefix: str, concurrency: int, requests: int, tokens: int,
-                          closed_loop: bool, stream: bool) -> float:
-    """Completion tokens/s of the full graph under the offered load."""
+                          closed_loop: bool, stream: bool) -> tuple[float, dict[int, str]]:
+    """Completion tokens/s of the full graph under the offered load, and the replica that served each request."""
     import httpx
 
     body = {"max_tokens": tokens, "ignore_eos": True, "temperature": 0}
@@ -91,6 +92,7 @@ async def http_throughput(base: str, prefix: str, concurrency: int, requests: in
             if not stream:
                 r = await client.post(f"{prefix}/v1/completions", json={**body, "prompt": prompt(i)})
                 r.raise_for_status()
+                served[i] = r.json()["timings"]["replica"]
                 return int(r.json()["usage"]["completion_tokens"])
             req = {**body, "prompt": prompt(i), "stream": True, "stream_options": {"include_usage": True}}
             n = 0
@@ -98,12 +100,23 @@ async def http_throughput(base: str, prefix: str, concurrency: int, requests: in
                 r.raise_for_status()
                 async for line in r.aiter_lines():
                     if line.startswith("data: {") and '"usage":{' in line:
-                        n = int(json.loads(line[6:])["usage"]["completion_tokens"])
+                        chunk = json.loads(line[6:])
+                        n = int(chunk["usage"]["completion_tokens"])
+                        served[i] = (chunk.get("timings") or {}).get("replica", "?")
             return n
 
+        served: dict[int, str] = {}
         t0 = time.perf_counter()
         total = await offered_load(send, concurrency, requests, closed_loop)
-        return total / (time.perf_counter() - t0)
+        return total / (time.perf_counter() - t0), served
+
+
+def split(served: dict[int, str], concurrency: int, closed_loop: bool) -> list[list[int]]:
+    """Requests per replica (most first): per wave, or over the whole closed-loop run."""
+    groups: dict[int, list[str]] = {}
+    for i, replica in served.items():
+        groups.setdefault(0 if closed_loop else i // concurrency, []).append(replica)
+    return [sorted(Counter(g).values(), reverse=True) for _, g in sorted(groups.items())]
 
 
 # ---- the no-Ray ceiling: engines in plain processes ----------------------------------------------------------
@@ -223,11 +236,74 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--requests", type=int, default=32, help="requests per measurement")
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--reps", type=int, default=2)
-    ap.add_argument("--closed-loop", action="store_true", help="closed-loop users instead of waves")
+    ap.add_argument("--loads", nargs="+", choices=["waves", "closed"], default=["waves"],
+                    help="offered loads, measured interleaved; the first one fills the top-level fields")
+    ap.add_argument("--closed-loop", action="store_true", help="the same as --loads closed")
     ap.add_argument("--stream", action="store_true", help="SSE streams instead of one JSON answer per request")
     ap.add_argument("--ceiling", action="store_true", help="also 1 vs 2 engines in plain processes (no Ray)")
     ap.add_argument("--engine-worker", action="store_true", help=argparse.SUPPRESS)
-    return ap.parse_args()
+    a = ap.parse_args()
+    if a.closed_loop:
+        a.loads = ["closed"]
+    return a
+
+
+def rotations(reps: int, keys: list[str]) -> list[str]:
+    """Every key once per repetition, the order rotated each time (this VM's speed drifts between minutes)."""
+    return [k for rep in range(reps) for k in keys[rep % len(keys):] + keys[:rep % len(keys)]]
+
+
+def summary(runs: dict[str, list[float]], one: str, two: str, prefix: str = "") -> dict[str, Any]:
+    best = {k: max(v) for k, v in runs.items()}
+    label = "engine" if prefix else "replica"
+    return {f"{prefix}one_{label}_tok_s": round(best[one], 1), f"{prefix}two_{label}s_tok_s": round(best[two], 1),
+            f"{prefix}two_over_one": round(best[two] / best[one], 2)}
+
+
+def measure_ceiling(a: argparse.Namespace, model: str) -> dict[str, Any]:
+    """1 vs 2 engines without Ray, each load, interleaved."""
+    runs: dict[str, list[float]] = {}
+    eng = Ceiling(model, a.slots)
+    try:
+        eng.measure(2, a.concurrency, a.concurrency, 8, False)  # warm both
+        for key in rotations(a.reps, [f"{n}/{load}" for load in a.loads for n in ("one", "two")]):
+            n, load = key.split("/")
+            rate = eng.measure(1 if n == "one" else 2, a.concurrency, a.requests, a.tokens, load == "closed")
+            runs.setdefault(key, []).append(rate)
+    finally:
+        eng.close()
+    first = a.loads[0]
+    out = summary(runs, f"one/{first}", f"two/{first}", "ceiling_")
+    if len(a.loads) > 1:
+        out["ceiling_by_load"] = {load: summary(runs, f"one/{load}", f"two/{load}", "ceiling_") for load in a.loads}
+    out["ceiling_runs_tok_s"] = {k: [round(x, 1) for x in v] for k, v in runs.items()}
+    return out
+
+
+def measure_http(a: argparse.Namespace, base: str) -> dict[str, Any]:
+    """Both apps under each load, interleaved; CPU split of each key's best run."""
+    for name in ("two", "one"):  # warm both replicas' paths
+        asyncio.run(http_throughput(base, f"/{name}", a.concurrency, a.concurrency, 8, False, a.stream))
+    runs: dict[str, list[float]] = {}
+    cpu: dict[str, dict[str, float]] = {}
+    spread: dict[str, list[list[int]]] = {}
+    for key in rotations(a.reps, [f"{n}/{load}" for load in a.loads for n in ("one", "two")]):
+        n, load = key.split("/")
+        closed = load == "closed"
+        before = cpu_times()
+        rate, served = asyncio.run(http_throughput(base, f"/{n}", a.concurrency, a.requests, a.tokens, closed,
+                                                   a.stream))
+        runs.setdefault(key, []).append(rate)
+        if rate >= max(runs[key]):
+            cpu[key] = cpu_split(before, cpu_times(), a.requests * a.tokens)
+            if n == "two":
+                spread[key] = split(served, a.concurrency, closed)
+    first = a.loads[0]
+    out = summary(runs, f"one/{first}", f"two/{first}")
+    if len(a.loads) > 1:
+        out["by_load"] = {load: summary(runs, f"one/{load}", f"two/{load}") for load in a.loads}
+    return out | {"runs_tok_s": {k: [round(x, 1) for x in v] for k, v in runs.items()},
+                  "two_requests_per_replica": spread, "cpu_s_per_1k_tokens": cpu}
 
 
 def main() -> None:
@@ -245,54 +321,21 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="bench-scaleout-")
     spec = SMALL_SPEC if a.small else BENCH_SPEC
     model = a.model or write_gguf(os.path.join(tmp, f"{spec.name}.gguf"), spec)
-    load = (a.concurrency, a.requests, a.tokens, a.closed_loop)
-    ceiling: dict[str, list[float]] = {"one": [], "two": []}
-    if a.ceiling:  # before Ray starts, so nothing else runs on the box
-        eng = Ceiling(model, a.slots)
-        try:
-            eng.measure(2, a.concurrency, a.concurrency, 8, a.closed_loop)  # warm both
-            for rep in range(a.reps):
-                for name in (("one", "two") if rep % 2 == 0 else ("two", "one")):
-                    ceiling[name].append(eng.measure(1 if name == "one" else 2, *load))
-        finally:
-            eng.close()
+    out: dict[str, Any] = {
+        "model": os.path.basename(model), "threads_per_replica": 1, "slots_per_replica": a.slots,
+        "loads": a.loads, "stream": a.stream, "concurrency": a.concurrency, "requests": a.requests,
+        "tokens_per_request": a.tokens, "cpus": os.cpu_count()}
+    ceiling = measure_ceiling(a, model) if a.ceiling else {}  # before Ray starts: nothing else runs on the box
     port = free_port()
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    base = f"http://127.0.0.1:{port}"
     try:
         for name, n in (("one", 1), ("two", 2)):
             serve.run(build_app(app_args(model, os.path.join(tmp, "volume"), n, a.slots)), name=name,
                       route_prefix=f"/{name}", blocking=False)
         for name in ("one", "two"):
-            wait_ready(f"{base}/{name}/ready")
-        for name in ("two", "one"):  # warm both replicas' paths
-            asyncio.run(http_throughput(base, f"/{name}", a.concurrency, a.concurrency, 8, False, a.stream))
-        runs: dict[str, list[float]] = {"one": [], "two": []}
-        cpu: dict[str, dict[str, float]] = {}
-        for rep in range(a.reps):
-            for name in (("one", "two") if rep % 2 == 0 else ("two", "one")):
-                before = cpu_times()
-                rate = asyncio.run(http_throughput(base, f"/{name}", *load, a.stream))
-                runs[name].append(rate)
-                if rate >= max(runs[name]):
-                    cpu[name] = cpu_split(before, cpu_times(), a.requests * a.tokens)
-        best = {k: max(v) for k, v in runs.items()}
-        out: dict[str, Any] = {
-            "model": os.path.basename(model), "threads_per_replica": 1, "slots_per_replica": a.slots,
-            "load": "closed_loop" if a.closed_loop else "waves", "stream": a.stream,
-            "concurrency": a.concurrency, "requests": a.requests, "tokens_per_request": a.tokens,
-            "one_replica_tok_s": round(best["one"], 1), "two_replicas_tok_s": round(best["two"], 1),
-            "two_over_one": round(best["two"] / best["one"], 2), "cpus": os.cpu_count(),
-            "runs_tok_s": {k: [round(x, 1) for x in v] for k, v in runs.items()},
-            "cpu_s_per_1k_tokens": cpu,
-        }
-        if a.ceiling:
-            top = {k: max(v) for k, v in ceiling.items()}
-            out |= {"ceiling_one_engine_tok_s": round(top["one"], 1), "ceiling_two_engines_tok_s": round(top["two"], 1),
-                    "ceiling_two_over_one": round(top["two"] / top["one"], 2),
-                    "ceiling_runs_tok_s": {k: [round(x, 1) for x in v] for k, v in ceiling.items()}}
-        print(json.dumps(out, indent=2))
+            wait_ready(f"http://127.0.0.1:{port}/{name}/ready")
+        print(json.dumps(out | measure_http(a, f"http://127.0.0.1:{port}") | ceiling, indent=2))
     finally:
         serve.shutdown()
         ray.shutdown()
