@@ -7,7 +7,9 @@ free cores. Prints one JSON object.
 
 The load (``--loads``): ``waves`` of ``--concurrency`` requests sent at once (the default), and/or ``closed``:
 ``--concurrency`` users that each send their next request as soon as the previous one returned, until
-``--requests`` are done; several loads are measured interleaved (``by_load``). ``--stream`` asks for SSE streams (every token relayed by the Ingress and the proxy).
+``--requests`` are done; several loads are measured interleaved (``by_load``). ``--stream`` asks for SSE streams
+(every token relayed by the Ingress and the proxy). ``two_requests_per_replica``: how the ``two`` app's router
+split each wave (or the whole closed-loop run) over its replicas, in the best run.
 
 ``--ceiling`` also measures, in the same run, what this machine allows without Ray: the same engine (same model,
 slots, one thread) in one process alone, then in two processes at once, each driven directly (no HTTP) with the
@@ -19,6 +21,7 @@ engine.
     python bench/bench_scaleout.py                        # ~150M F16 model written on the fly (BENCH_SPEC)
     python bench/bench_scaleout.py --small --reps 3       # a ~25M model: shorter run, same shape of result
     python bench/bench_scaleout.py --small --loads waves closed --ceiling
+    python bench/bench_scaleout.py --large --requests 16 --tokens 32 --ceiling   # ~250M: compute-heavier
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.support.gguf_factory import BENCH_SPEC, ModelSpec, write_gguf  # noqa: E402
 
 SMALL_SPEC = ModelSpec(n_layer=6, n_embd=512, n_head=8, n_head_kv=4, n_ff=1536, ctx=2048, name="bench-25m")
+# About twice BENCH_SPEC's work per token: per-request costs of the Ray path weigh less next to it.
+LARGE_SPEC = ModelSpec(n_layer=16, n_embd=1024, n_head=16, n_head_kv=4, n_ff=4096, ctx=2048, name="bench-250m")
 WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly brew potions".split()
 Send = Callable[[int], Awaitable[int]]
 
@@ -230,7 +235,9 @@ def wait_ready(url: str, timeout: float = 300) -> None:
 def parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", help="a GGUF file; default: BENCH_SPEC (or --small) written on the fly")
-    ap.add_argument("--small", action="store_true", help="a ~25M model instead of the ~150M bench model")
+    size = ap.add_mutually_exclusive_group()
+    size.add_argument("--small", action="store_true", help="a ~25M model instead of the ~150M bench model")
+    size.add_argument("--large", action="store_true", help="a ~250M model instead of the ~150M bench model")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--slots", type=int, default=8, help="n_parallel of each replica")
     ap.add_argument("--requests", type=int, default=32, help="requests per measurement")
@@ -319,7 +326,7 @@ def main() -> None:
     from tests.conftest import free_port
 
     tmp = tempfile.mkdtemp(prefix="bench-scaleout-")
-    spec = SMALL_SPEC if a.small else BENCH_SPEC
+    spec = SMALL_SPEC if a.small else LARGE_SPEC if a.large else BENCH_SPEC
     model = a.model or write_gguf(os.path.join(tmp, f"{spec.name}.gguf"), spec)
     out: dict[str, Any] = {
         "model": os.path.basename(model), "threads_per_replica": 1, "slots_per_replica": a.slots,
