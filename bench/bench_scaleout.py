@@ -105,9 +105,9 @@ async def http_throughput(base: str, prefix: str, concurrency: int, requests: in
                 r.raise_for_status()
                 async for line in r.aiter_lines():
                     if line.startswith("data: {") and '"usage":{' in line:
-                        chunk = json.loads(line[6:])
-                        n = int(chunk["usage"]["completion_tokens"])
-                        served[i] = (chunk.get("timings") or {}).get("replica", "?")
+                        n = int(json.loads(line[6:])["usage"]["completion_tokens"])
+                    elif line.startswith("data: {") and '"timings":{' in line:  # the finish chunk
+                        served[i] = json.loads(line[6:])["timings"]["replica"]
             return n
 
         served: dict[int, str] = {}
