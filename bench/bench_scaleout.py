@@ -188,18 +188,19 @@ class Ceiling:
 # ---- CPU accounting ------------------------------------------------------------------------------------------
 
 
-def cpu_times() -> dict[str, float]:
-    """CPU seconds so far of this process (the client) and of every Ray process, by role (the engine processes of
-    ``--ceiling`` have exited by then)."""
+def cpu_times() -> dict[int, tuple[str, float]]:
+    """CPU seconds so far of this process (the client) and of every Ray process, by pid, with the process's role
+    (the engine processes of ``--ceiling`` have exited by then)."""
     import psutil
 
-    out: dict[str, float] = {}
+    out: dict[int, tuple[str, float]] = {}
     for p in psutil.process_iter(["cmdline", "cpu_times"]):
         cmd = " ".join(p.info["cmdline"] or ())
         if p.pid == os.getpid():
             role = "client"
         elif cmd.startswith("ray::ServeReplica:"):
-            role = cmd.split()[0].removeprefix("ray::ServeReplica:")  # app:Deployment
+            # The title names the method running now ("...:LlamaModel.handle_request"): keep app:Deployment.
+            role = cmd.split()[0].removeprefix("ray::ServeReplica:").split(".")[0]
         elif cmd.startswith("ray::ProxyActor"):
             role = "proxy"
         elif cmd.startswith("ray::"):
@@ -210,13 +211,18 @@ def cpu_times() -> dict[str, float]:
             continue
         t = p.info["cpu_times"]
         if t is not None:
-            out[role] = out.get(role, 0.0) + t.user + t.system
+            out[p.pid] = (role, t.user + t.system)
     return out
 
 
-def cpu_split(before: dict[str, float], after: dict[str, float], tokens: float) -> dict[str, float]:
-    return {k: round((after[k] - before.get(k, 0.0)) / tokens * 1e3, 3) for k in sorted(after)
-            if after[k] - before.get(k, 0.0) > 0.005}
+def cpu_split(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]],
+              tokens: float) -> dict[str, float]:
+    """CPU seconds per 1000 tokens by role between two snapshots, process by process (a process started in
+    between counts whole)."""
+    by_role: dict[str, float] = {}
+    for pid, (role, cpu) in after.items():
+        by_role[role] = by_role.get(role, 0.0) + cpu - before.get(pid, (role, 0.0))[1]
+    return {k: round(v / tokens * 1e3, 3) for k, v in sorted(by_role.items()) if v > 0.005}
 
 
 # ---- main ----------------------------------------------------------------------------------------------------
