@@ -142,7 +142,7 @@ def llama_model_routing(args: AppArgs) -> dict[str, Any]:
     """Prefix affinity across LlamaModel replicas (``routing``): a no-op with one replica, so always set."""
     r = args.routing
     threshold = r.imbalance_threshold if r.imbalance_threshold is not None else args.engine.n_parallel
-    config = router_config(r.prefix_affinity, threshold, r.prompt_key_chars)
+    config = router_config(r.prefix_affinity, threshold, r.prompt_key_chars, args.engine.n_parallel)
     return {} if config is None else {"request_router_config": config}
 
 

@@ -200,8 +200,8 @@ class RoutingConfig(_Strict):
     imbalance_threshold: int | None = Field(
         default=None, ge=0,
         description="Give up affinity for a request when its replica has this many more requests in flight than "
-                    "the least loaded one (then the least loaded of the others takes it). Default: engine.n_parallel, "
-                    "the point where a newcomer would wait for a slot there but start at once elsewhere.",
+                    "the least loaded one (then the least loaded of the others takes it). Default: engine.n_parallel. "
+                    "Whatever the threshold, a replica whose slots are all taken yields to one with a free slot.",
     )
     prompt_key_chars: int = Field(
         default=256, ge=1,

@@ -1,5 +1,6 @@
 """The batching engine on real llama.cpp (tiny generated F16 model, no Ray): batched output matches solo output,
-sequences finish independently, late joiners are not held back, cancellation and completion free KV, stop strings
+sequences finish independently, late joiners are not held back (a request arriving while others decode gets its
+first token from the next step that runs), cancellation and completion free KV, stop strings
 work across tokens, limits fail before any work, and the memory ladder recovers from a context that does not fit.
 """
 
@@ -114,6 +115,35 @@ def test_late_joiner_finishes_first(loaded) -> None:
     order, fins = finish_order(eng, model, [("long", 0, 230), ("short", 1, 3)], stagger=True)
     assert order == ["short", "long"]
     assert fins["long"].usage.completion_tokens == 230
+
+
+def test_arrival_during_decoding_is_admitted_at_the_next_step(loaded) -> None:
+    """Closed-loop clients send their next request while the others decode: it must join the very next step (its
+    short prompt prefilled there and its first token sampled), not wait for a quiet engine or a timer."""
+    eng, model = loaded
+    seen: dict[str, int] = {}
+    done = threading.Event()
+
+    def emit(ev) -> None:  # runs on the engine thread, right after the step that produced the event
+        if isinstance(ev, Done | ErrorEvent):
+            seen["steps_at_done"] = eng.steps
+            seen["ok"] = isinstance(ev, Done)
+            done.set()
+
+    long = EngineRequest("long", model.tokenize(PROMPTS[0], True, False), greedy(200), lambda ev: None)
+    eng.submit([long])
+    start = eng.stats().tokens_generated
+    while eng.stats().tokens_generated < start + 5:
+        time.sleep(0.0005)
+    steps_at_submit = eng.steps
+    # max_tokens 1: the request is done in the step that samples its first token.
+    eng.submit([EngineRequest("newcomer", model.tokenize(PROMPTS[1], True, False), greedy(1), emit)])
+    assert done.wait(30) and seen["ok"]
+    # The step running at submit (if any) ends, then the next one prefills the newcomer and samples its token.
+    assert seen["steps_at_done"] <= steps_at_submit + 2, (steps_at_submit, seen)
+    eng.cancel(long.key)
+    while not eng.kv_free():
+        time.sleep(0.001)
 
 
 def test_cancelled_stream_frees_its_slot(loaded) -> None:

@@ -1,9 +1,13 @@
 """With two LlamaModel replicas behind the real Ray Serve router, every turn of a conversation is served by the
 replica that served its first turn (``timings.replica``), so its prefix is reused there (``cached_tokens`` > 0
-from the second turn on), while independent conversations spread over both replicas."""
+from the second turn on), while independent conversations spread over both replicas; and requests that would
+queue behind the full slots of their conversation's replica go to the other one (Serve calls the router's
+send and completion hooks, which keep its count)."""
 
 from __future__ import annotations
 
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -87,5 +91,12 @@ def test_conversations_stick_to_a_replica_and_spread_over_replicas(ray_session: 
         # replica, with a fair hash, 2**-11.
         assert all(a == b for a, b in by_conversation), by_conversation
         assert len({a for a, _ in by_conversation}) == 2, by_conversation
+
+        # Four requests of one conversation at once on 2-slot replicas: two fill its replica, two go to the other.
+        burst = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "one busy conversation"}]
+        with ThreadPoolExecutor(4) as pool:
+            outs = list(pool.map(lambda _: turn(client, burst, 300), range(4)))
+        replicas = Counter(o.model_extra["timings"]["replica"] for o in outs)
+        assert sorted(replicas.values()) == [2, 2], replicas
     finally:
         serve.delete("affinity")
