@@ -89,7 +89,7 @@ class ChatPlan:
             think = ThinkSplitter(opened=prompt.rstrip().endswith(OPEN))
         if think is None and not self.tools_active:
             return None
-        return ChatOutput(self.fmt.family, tools=self.tools_active, think=think)
+        return ChatOutput(self.fmt.family, tools=self.tools_active, think=think, offered=self.req.tools)
 
 
 def _closed(prompt: str) -> bool:

@@ -13,22 +13,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from serve_app.protocol import Tool
+
+from .calls import NotACall, ParsedCall
 from .formats import Family
+from .xmlcalls import xml_rules
 
-
-@dataclass(frozen=True)
-class ParsedCall:
-    name: str
-    arguments: str  # a JSON text
+__all__ = ["NotACall", "ParsedCall", "Piece", "ToolCallParser", "call_from", "decode_json", "parse_generic"]
 
 
 Piece = str | ParsedCall
 # (calls, the rest of the buffer after them) once the block is complete; None: wait for more text.
 Extract = Callable[[str, bool], tuple[list[ParsedCall], str] | None]
-
-
-class NotACall(ValueError):
-    """The text after a trigger is not a well-formed call: it is content after all."""
 
 
 def _arguments(value: Any) -> str:
@@ -164,8 +160,11 @@ class ToolCallParser:
     """Feed text, get settled pieces; ``finish()`` settles the rest (an unclosed block: a call if its JSON is
     whole, else content)."""
 
-    def __init__(self, family: Family) -> None:
-        self.rules = _RULES.get(family, _RULES[Family.JSON])
+    def __init__(self, family: Family, tools: tuple[Tool, ...] = ()) -> None:
+        if family is Family.XML:  # its values are typed by the tools' schemas: rules of this request's own
+            self.rules = _Rules(*xml_rules(tools))
+        else:
+            self.rules = _RULES.get(family, _RULES[Family.JSON])
         self.buf = ""
         self.trigger: str | None = None  # the trigger of the block being read, None outside one
         self.after_call = False  # separators between parallel calls are dropped, even when they stream later
