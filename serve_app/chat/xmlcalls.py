@@ -138,8 +138,11 @@ def _tail_of(lits: tuple[str, ...], rest: str) -> bool:
 
 class XmlCalls:
     """The extractor of one request: fed the text from just after ``<tool_call>`` (or from a bare
-    ``<function=NAME>`` for a known tool, which Qwen3-Coder sometimes writes without the outer tag). Each call
-    rescans the open block with ``find``/``startswith``, as the JSON parsers rescan theirs."""
+    ``<function=NAME>`` for a known tool, which Qwen3-Coder sometimes writes without the outer tag).
+
+    The caller passes the same open block again, longer, until a call or ``NotACall`` comes out: what is settled
+    (the name, whole parameters, how far a value was searched for its closing tag) is kept between calls, so a
+    long value streamed token by token is scanned once, not once per token."""
 
     def __init__(self, tools: tuple[Tool, ...]) -> None:
         self.props: dict[str, dict[str, Any]] = {}
@@ -147,6 +150,13 @@ class XmlCalls:
             params = t.function.parameters or {}
             props = params.get("properties")
             self.props[t.function.name] = props if isinstance(props, dict) else {}
+        self._reset()
+
+    def _reset(self) -> None:
+        self._name: str | None = None  # the open block's function, once read
+        self._args: dict[str, Any] = {}
+        self._pos = 0  # where the next parameter (or </function>) starts
+        self._searched = 0  # the pending value holds no closing tag before this position
 
     @property
     def triggers(self) -> Triggers:
@@ -154,19 +164,25 @@ class XmlCalls:
 
     def __call__(self, buf: str, final: bool) -> tuple[list[ParsedCall], str] | None:
         try:
-            return self._block(buf, final)
+            got = self._block(buf, final)
         except _Wait:
-            if final:
-                raise NotACall("the call is not closed") from None
-            return None
+            if not final:
+                return None
+            self._reset()
+            raise NotACall("the call is not closed") from None
+        except NotACall:
+            self._reset()
+            raise
+        self._reset()
+        return got
 
     def _block(self, buf: str, final: bool) -> tuple[list[ParsedCall], str]:
-        pos = _expect(buf, _ws(buf, 0), OPEN_FN, final)
-        name, pos = _name(buf, pos)
-        props = self.props.get(name, {})
-        args: dict[str, Any] = {}
+        if self._name is None:
+            pos = _expect(buf, _ws(buf, 0), OPEN_FN, final)
+            self._name, self._pos = _name(buf, pos)
+        props = self.props.get(self._name, {})
         while True:
-            pos = _ws(buf, pos)
+            pos = _ws(buf, self._pos)
             if buf.startswith(CLOSE_FN, pos):
                 pos += len(CLOSE_FN)
                 break
@@ -175,17 +191,19 @@ class XmlCalls:
                     raise _Wait
                 raise NotACall("expected a <parameter=...> or </function>")
             key, pos = _name(buf, pos + len(OPEN_PARAM))
-            end = buf.find(CLOSE_PARAM, pos)
+            end = buf.find(CLOSE_PARAM, max(pos, self._searched))
             if end < 0:
+                self._searched = max(pos, len(buf) - len(CLOSE_PARAM) + 1)
                 raise _Wait
-            args[key] = convert(buf[pos:end], props.get(key))
-            pos = end + len(CLOSE_PARAM)
+            self._args[key] = convert(buf[pos:end], props.get(key))
+            self._pos = end + len(CLOSE_PARAM)
+            self._searched = 0
         pos = _ws(buf, pos)
         if buf.startswith(CLOSE_CALL, pos):
             pos += len(CLOSE_CALL)
         elif not final and CLOSE_CALL.startswith(buf[pos:]):
             raise _Wait  # the closing tag may still come (it is optional: a bare <function=...> has none)
-        return [ParsedCall(name, json.dumps(args, ensure_ascii=False))], buf[pos:]
+        return [ParsedCall(self._name, json.dumps(self._args, ensure_ascii=False))], buf[pos:]
 
 
 def xml_rules(tools: tuple[Tool, ...]) -> tuple[Triggers, Extract]:

@@ -152,10 +152,13 @@ def test_a_malformed_block_is_content(text: str) -> None:
         assert parse("ok " + text, step) == ["ok " + text]
 
 
-def test_a_malformed_block_does_not_hide_a_good_call_after_it() -> None:
-    bad = "<tool_call>\n<function=get_time>\ngarbage\n</tool_call>\n"
-    got = parse(bad + call("get_time", ""))
-    assert got[0] == bad and isinstance(got[1], ParsedCall) and len(got) == 2
+@pytest.mark.parametrize("step", [0, 1, 3])
+def test_a_malformed_block_does_not_hide_a_good_call_after_it(step: int) -> None:
+    # what the parser kept of the bad block (its name, a parameter) must not leak into the next one
+    bad = "<tool_call>\n<function=get_weather>\n" + param("city", "Oslo") + "garbage\n</tool_call>\n"
+    got = parse(bad + call("get_time", param("utc", "1")), step)
+    assert got[0] == bad and len(got) == 2
+    assert isinstance(got[1], ParsedCall) and got[1].name == "get_time" and args(got[1]) == {"utc": "1"}
 
 
 def test_chat_output_streams_id_and_name_then_the_arguments() -> None:
