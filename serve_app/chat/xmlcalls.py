@@ -59,10 +59,21 @@ def _json(text: str) -> Any:
         return _NOT_JSON
 
 
-def value_types(schema: Any) -> set[str]:
-    """The JSON types a parameter's schema admits, from ``type``, ``enum``/``const`` values and ``anyOf``/``oneOf``
-    members; empty when it says nothing (the value is then taken as text, as vLLM does)."""
-    if not isinstance(schema, dict):
+def _target(ref: Any, root: Any) -> Any:
+    """A local ``#/a/b`` reference's schema in ``root``; None for anything else."""
+    if not isinstance(ref, str) or not ref.startswith("#/"):
+        return None
+    node = root
+    for part in ref[2:].split("/"):
+        node = node.get(part.replace("~1", "/").replace("~0", "~")) if isinstance(node, dict) else None
+    return node
+
+
+def value_types(schema: Any, root: Any = None, depth: int = 0) -> set[str]:
+    """The JSON types a parameter's schema admits, from ``type``, ``enum``/``const`` values, ``anyOf``/``oneOf``
+    members and local ``$ref``s into ``root`` (the tool's parameters); empty when it says nothing (the value is
+    then taken as text, as vLLM does)."""
+    if not isinstance(schema, dict) or depth > 16:  # bounded: references may cycle
         return set()
     out: set[str] = set()
     t = schema.get("type")
@@ -71,7 +82,9 @@ def value_types(schema: Any) -> set[str]:
     out.update(_type_of(v) for v in values)
     for key in ("anyOf", "oneOf"):
         for sub in schema.get(key) or []:
-            out |= value_types(sub)
+            out |= value_types(sub, root, depth + 1)
+    if "$ref" in schema:
+        out |= value_types(_target(schema["$ref"], root), root, depth + 1)
     return out
 
 
@@ -88,11 +101,11 @@ def _fits(value: Any, types: set[str]) -> bool:
     return t in types or (t == "integer" and "number" in types)
 
 
-def convert(raw: str, schema: Any) -> Any:
+def convert(raw: str, schema: Any, root: Any = None) -> Any:
     """A parameter's value from its raw text and its schema (None: a parameter the tool does not declare)."""
     text = raw[1:] if raw.startswith("\n") else raw
     text = text[:-1] if text.endswith("\n") else text
-    types = value_types(schema)
+    types = value_types(schema, root)
     if not types or types == {"string"}:
         return text
     value = _json(text.strip())
@@ -146,10 +159,12 @@ class XmlCalls:
 
     def __init__(self, tools: tuple[Tool, ...]) -> None:
         self.props: dict[str, dict[str, Any]] = {}
+        self.roots: dict[str, dict[str, Any]] = {}
         for t in tools:
             params = t.function.parameters or {}
             props = params.get("properties")
             self.props[t.function.name] = props if isinstance(props, dict) else {}
+            self.roots[t.function.name] = params
         self._reset()
 
     def _reset(self) -> None:
@@ -180,7 +195,7 @@ class XmlCalls:
         if self._name is None:
             pos = _expect(buf, _ws(buf, 0), OPEN_FN, final)
             self._name, self._pos = _name(buf, pos)
-        props = self.props.get(self._name, {})
+        props, root = self.props.get(self._name, {}), self.roots.get(self._name)
         while True:
             pos = _ws(buf, self._pos)
             if buf.startswith(CLOSE_FN, pos):
@@ -195,7 +210,7 @@ class XmlCalls:
             if end < 0:
                 self._searched = max(pos, len(buf) - len(CLOSE_PARAM) + 1)
                 raise _Wait
-            self._args[key] = convert(buf[pos:end], props.get(key))
+            self._args[key] = convert(buf[pos:end], props.get(key), root)
             self._pos = end + len(CLOSE_PARAM)
             self._searched = 0
         pos = _ws(buf, pos)

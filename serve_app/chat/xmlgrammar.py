@@ -76,8 +76,8 @@ def _string_value(schema: Any) -> str:
     return TEXT
 
 
-def _typed(schema: Any) -> bool:
-    types = value_types(schema)
+def _typed(schema: Any, root: Any) -> bool:
+    types = value_types(schema, root)
     return bool(types) and "string" not in types
 
 
@@ -89,12 +89,13 @@ def _body(tools_json: str) -> str:
     objects = []
     for t in tools:
         props = t["parameters"].get("properties") or {}
-        objects.append((t["parameters"], [p for p, s in props.items() if _typed(s)]))
+        objects.append((t["parameters"], [p for p, s in props.items() if _typed(s, t["parameters"])]))
     rules_text, typed = property_rules(objects)
     calls, rules = [], []
     for i, t in enumerate(tools):
         props: dict[str, Any] = t["parameters"].get("properties") or {}
-        required = [p for p in t["parameters"].get("required") or [] if p in props]
+        listed = set(t["parameters"].get("required") or [])
+        required = [p for p in props if p in listed]
         args = []
         for j, p in enumerate(required + [p for p in props if p not in required]):
             value = typed[i].get(p) or _string_value(props[p])

@@ -103,9 +103,12 @@ def test_one_call_with_values_typed_by_the_schema() -> None:
     ("\n5\n", {"anyOf": [{"type": "integer"}, {"type": "null"}]}, 5),
     ("\n{\"a\": 1}\n", {"description": "untyped"}, '{"a": 1}'),  # no type: text, as vLLM does
     ("\n{\"a\": 1}\n", None, '{"a": 1}'),                # a parameter the tool does not declare
+    ("\nfalse\n", {"$ref": "#/$defs/Flag"}, False),       # typed through a local reference
+    ("\nfalse\n", {"$ref": "#/$defs/Loop"}, "false"),     # a reference cycle says nothing: text
 ])
 def test_value_conversion(raw: str, schema: Any, value: Any) -> None:
-    assert convert(raw, schema) == value
+    root = {"$defs": {"Flag": {"type": "boolean"}, "Loop": {"$ref": "#/$defs/Loop"}}}
+    assert convert(raw, schema, root) == value
 
 
 def test_parallel_calls_and_content_around_them() -> None:
@@ -211,3 +214,12 @@ def test_plan_uses_the_xml_grammar_and_refuses_unenforceable_tools() -> None:
     with pytest.raises(InvalidRequestError) as e:
         plan_chat(fmt, req.model_copy(update={"tools": (bad,), "tool_choice": "required"}), "auto").grammar("")
     assert e.value.param == "tools" and "minimum" in e.value.message
+
+
+def test_grammar_orders_required_parameters_as_declared_and_resolves_refs() -> None:
+    tool = Tool(function=ToolFunction(name="f", parameters={
+        "type": "object", "required": ["b", "a"], "$defs": {"Unit": {"type": "boolean"}},
+        "properties": {"a": {"type": "integer"}, "o": {"type": "string"}, "b": {"$ref": "#/$defs/Unit"}}}))
+    g = xml_grammar((tool,), lazy=False, parallel=False).gbnf or ""
+    assert 'call0 ::= "<function=f>\\n" call0-arg0 call0-arg1 call0-arg2? ' in g
+    assert '"<parameter=a>\\n" integer ' in g and '"<parameter=b>\\n" tool0-' in g and "boolean" in g
