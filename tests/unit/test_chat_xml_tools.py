@@ -19,14 +19,17 @@ from serve_app.chat.toolparse import ParsedCall, Piece, ToolCallParser
 from serve_app.chat.xmlcalls import convert
 from serve_app.chat.xmlgrammar import excluding, xml_grammar
 from serve_app.errors import InvalidRequestError
+from serve_app.model.chat_template import ChatTemplate
 from serve_app.protocol import (
     Delta,
     Done,
+    FunctionCall,
     GenerateRequest,
     Message,
     NamedToolChoice,
     Timings,
     Tool,
+    ToolCall,
     ToolFunction,
     Usage,
 )
@@ -223,3 +226,19 @@ def test_grammar_orders_required_parameters_as_declared_and_resolves_refs() -> N
     g = xml_grammar((tool,), lazy=False, parallel=False).gbnf or ""
     assert 'call0 ::= "<function=f>\\n" call0-arg0 call0-arg1 call0-arg2? ' in g
     assert '"<parameter=a>\\n" integer ' in g and '"<parameter=b>\\n" tool0-' in g and "boolean" in g
+
+
+@pytest.mark.parametrize("name", [T.QWEN3_CODER, T.QWEN35])
+def test_a_call_in_history_as_the_template_writes_it_parses_back_to_the_same_call(name: str) -> None:
+    sent = {"city": "Paris", "days": 3, "options": {"u": "C", "n": [1]}, "hours": [6, 12], "metric": True,
+            "limit": None, "label": "x"}
+    turn = Message(role="assistant", content=None, tool_calls=(ToolCall(id="c1", function=FunctionCall(
+        name="get_weather", arguments=json.dumps(sent))),))
+    req = GenerateRequest(label="r", messages=(Message(role="user", content="Weather?"), turn), tools=TOOLS)
+    plan = plan_chat(detect(T.template(name)), req, "auto")
+    prompt = ChatTemplate(T.template(name), "<s>", "</s>").render(plan.messages, tools=plan.tools,
+                                                                  variables=plan.variables)
+    written = prompt[prompt.index("<tool_call>\n<function=get_weather>"):]
+    got = [p for p in parse(written) if isinstance(p, ParsedCall)]
+    # booleans and null come out of the template in Python's spelling ("True", "None"): read back as JSON's
+    assert len(got) == 1 and args(got[0]) == sent
