@@ -242,3 +242,23 @@ def test_a_call_in_history_as_the_template_writes_it_parses_back_to_the_same_cal
     got = [p for p in parse(written) if isinstance(p, ParsedCall)]
     # booleans and null come out of the template in Python's spelling ("True", "None"): read back as JSON's
     assert len(got) == 1 and args(got[0]) == sent
+
+
+@pytest.mark.parametrize("step", [0, 1, 4])
+def test_a_call_opened_inside_the_thinking_ends_it(step: int) -> None:
+    # Qwen3.5 may write <tool_call> without closing </think>: the call is the answer (llama-server's reading).
+    fmt = detect(T.template(T.QWEN35))
+    req = GenerateRequest(label="r", messages=(Message(role="user", content="Weather?"),), tools=TOOLS)
+    out = plan_chat(fmt, req, "auto").output("<|im_start|>assistant\n<think>\n")
+    assert out is not None
+    text = "I should look it up.\n" + call("get_weather", param("city", "Paris"))
+    deltas = [out.delta(Delta(text[i:i + (step or len(text))], 1)) for i in range(0, len(text), step or len(text))]
+    last = out.final()
+    deltas += [last] if last else []
+    assert "".join(d.reasoning for d in deltas) == "I should look it up.\n"
+    assert "".join(d.text for d in deltas) == ""
+    [c] = gather_calls([p for d in deltas for p in d.tool_calls or ()])
+    assert json.loads(c.function.arguments) == {"city": "Paris"}
+    # without tools, <tool_call> is just text of the thinking
+    plain = plan_chat(fmt, req.model_copy(update={"tools": ()}), "auto").output("<think>\n")
+    assert plain is not None and plain.think is not None and plain.think.ends == ()
