@@ -1,8 +1,9 @@
 """Splitting a reasoning model's ``<think>...</think>`` from its answer, incrementally.
 
 The thinking is the text between ``<think>`` and ``</think>`` at the start of the output, or, when the template
-opened ``<think>`` in the generation prompt (DeepSeek-R1 distills), everything up to ``</think>`` (or up to a text that also ends it, which stays in the answer). An unclosed
-block (the budget ran out mid-thought) is all reasoning, as llama-server reports it. Pure.
+opened ``<think>`` in the generation prompt (DeepSeek-R1 distills), everything up to ``</think>`` (or up to a text
+that also ends it, which stays in the answer). An unclosed block (the budget ran out mid-thought) is all reasoning,
+as llama-server reports it. Pure.
 """
 
 from __future__ import annotations
