@@ -20,6 +20,7 @@ from serve_app.protocol import GrammarSpec, Tool
 from .xmlcalls import CLOSE_PARAM, OPEN_CALL, value_types
 
 TEXT = "xml-text"
+MAX_ANY_ORDER = 6  # parameters in any order up to this many (2^n rules): llama-server's bound too
 
 
 def _gbnf_literal(text: str) -> str:
@@ -95,17 +96,48 @@ def _body(tools_json: str) -> str:
     for i, t in enumerate(tools):
         props: dict[str, Any] = t["parameters"].get("properties") or {}
         listed = set(t["parameters"].get("required") or [])
-        required = [p for p in props if p in listed]
-        args = []
-        for j, p in enumerate(required + [p for p in props if p not in required]):
+        names = [p for p in props if p in listed] + [p for p in props if p not in listed]
+        for j, p in enumerate(names):
             value = typed[i].get(p) or _string_value(props[p])
             rules.append(f"call{i}-arg{j} ::= {_gbnf_literal(f'<parameter={p}>' + chr(10))} {value} "
                          f"{_gbnf_literal(chr(10) + CLOSE_PARAM + chr(10))}")
-            args.append(f"call{i}-arg{j}" if p in required else f"call{i}-arg{j}?")
+        args, arg_rules = _arguments(f"call{i}", [p in listed for p in names])
+        rules += arg_rules
         rules.append(f"call{i} ::= {_gbnf_literal('<function=' + t['name'] + '>' + chr(10))} "
-                     f"{' '.join(args)} {_gbnf_literal('</function>' + chr(10))}")
+                     f"{args} {_gbnf_literal('</function>' + chr(10))}")
         calls.append(f"call{i}")
     return "\n".join([f"root ::= {' | '.join(calls)}", *rules, excluding(CLOSE_PARAM, TEXT), rules_text])
+
+
+def _arguments(call: str, required: list[bool]) -> tuple[str, list[str]]:
+    """The parameters' sequence for ``call`` (its rules ``call-argJ``, required ones first) and the rules it needs.
+
+    Up to ``MAX_ANY_ORDER`` parameters come in any order, each at most once, the required ones all present:
+    models do not always keep the schema's order, and a forced order would bend what they meant (llama-server
+    permutes the required ones). One rule per set of parameters still to write, so 2^n rules. Beyond that, the
+    required ones in any order when they are few enough, then the optional ones in order."""
+    n = len(required)
+    if n <= MAX_ANY_ORDER:
+        return _subsets(call, list(range(n)), required)
+    must = [j for j in range(n) if required[j]]
+    head, rules = _subsets(call, must, required) if len(must) <= MAX_ANY_ORDER else (
+        " ".join(f"{call}-arg{j}" for j in must), [])
+    tail = " ".join(f"{call}-arg{j}?" for j in range(n) if not required[j])
+    return f"{head} {tail}".strip(), rules
+
+
+def _subsets(call: str, items: list[int], required: list[bool]) -> tuple[str, list[str]]:
+    if not items:
+        return "", []
+    rules = []
+    for mask in range(1, 1 << len(items)):
+        left = [j for k, j in enumerate(items) if mask >> k & 1]
+        alts = [f"{call}-arg{j} {call}-left{mask & ~(1 << k)}".rstrip() if mask & ~(1 << k) else f"{call}-arg{j}"
+                for k, j in enumerate(items) if mask >> k & 1]
+        if not any(required[j] for j in left):
+            alts.insert(0, "")  # only optional ones left: the call may end here
+        rules.append(f"{call}-left{mask} ::= " + " | ".join(alts))
+    return f"{call}-left{(1 << len(items)) - 1}", rules
 
 
 def xml_grammar(tools: tuple[Tool, ...], *, lazy: bool, parallel: bool) -> GrammarSpec:

@@ -257,3 +257,48 @@ def test_xml_thinking_template_with_thinking_off_forces_the_call(models: Service
                            chat_template_kwargs={"enable_thinking": False})
     assert done.finish_reason == "tool_calls" and done.reasoning is None
     check_calls(done, {"get_weather"})
+
+
+def test_xml_grammar_takes_exactly_the_calls_it_promises(models: Services) -> None:
+    from serve_app.chat.xmlgrammar import xml_grammar
+    from serve_app.engine import compile_grammar
+    from serve_app.engine.grammar import _spelled
+
+    loaded = models.services["qwen3-coder"].loader.loaded
+    assert loaded is not None
+    model = loaded.model
+    noted = Tool(function=ToolFunction(name="note", parameters={
+        "type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}))
+
+    def takes(text: str, tools: tuple[Tool, ...] = (WEATHER, TIME), parallel: bool = False) -> bool:
+        """Whether the grammar takes ``text`` token by token (never accepting a refused one) and may end there."""
+        g = compile_grammar(xml_grammar(tools, lazy=False, parallel=parallel), model)
+        try:
+            toks = _spelled(text, model)  # tokens whose pieces are exactly the text (no SentencePiece space)
+            assert toks and b"".join(model.piece(t, special=True) for t in toks) == text.encode()
+            for t in toks:
+                if not g.allows(t):
+                    return False
+                g.accept(t)
+            return g.allows(model.eos)
+        finally:
+            g.close()
+
+    def weather(*params: tuple[str, str]) -> str:
+        body = "".join(f"<parameter={k}>\n{v}\n</parameter>\n" for k, v in params)
+        return f"<tool_call>\n<function=get_weather>\n{body}</function>\n</tool_call>"
+
+    assert takes(weather(("city", "Paris"), ("metric", "true")))
+    assert takes(weather(("metric", "false"), ("city", "Rome")))  # any order
+    assert takes(weather(("city", "Paris"), ("metric", "true")) + "\n" + weather(("city", "Rome"), ("metric", "true")),
+                 parallel=True)
+    assert not takes(weather(("city", "Paris"), ("metric", "true")) + "\n" + weather(("city", "Rome"), ("metric", "true")))
+    assert not takes(weather(("city", "Paris")))                                       # a required one missing
+    assert not takes(weather(("city", "Paris"), ("metric", "true"), ("city", "Rome")))  # twice
+    assert not takes(weather(("city", "Paris"), ("metric", "true"), ("wind", "1")))    # undeclared
+    assert not takes(weather(("city", "London"), ("metric", "true")))                  # not in the enum
+    assert not takes(weather(("city", "Paris"), ("metric", "yes")))                    # not a boolean
+    assert not takes("<tool_call>\n<function=get_date>\n</function>\n</tool_call>")    # not offered
+    free = "<tool_call>\n<function=note>\n<parameter=text>\n{}\n</parameter>\n</function>\n</tool_call>"
+    assert takes(free.format("a <b> </param </parameter </tool_call>\nx"), (noted,))
+    assert not takes(free.format("a</parameter>b"), (noted,))  # the value cannot hold its closing tag

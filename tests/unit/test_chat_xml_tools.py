@@ -187,7 +187,9 @@ def test_the_grammar_admits_offered_functions_and_declared_parameters() -> None:
     assert (spec.prefix, spec.suffix, spec.repeat, spec.triggers) == ("<tool_call>\n", "</tool_call>", True, ())
     g = spec.gbnf or ""
     assert 'root ::= call0 | call1' in g
-    assert 'call0 ::= "<function=get_weather>\\n" call0-arg0 call0-arg1? ' in g  # required first, others optional
+    # seven parameters: past the any-order bound, the required one first, then each optional one at most once
+    assert 'call0 ::= "<function=get_weather>\\n" call0-left1 call0-arg1? call0-arg2? ' in g
+    assert "call0-left1 ::= call0-arg0\n" in g
     assert 'call1 ::= "<function=get_time>\\n"  "</function>\\n"' in g
     assert '"<parameter=city>\\n" xml-text "\\n</parameter>\\n"' in g  # a string: free text
     assert '"<parameter=label>\\n" xml-text ' in g                    # string-or-integer: free text too
@@ -219,12 +221,16 @@ def test_plan_uses_the_xml_grammar_and_refuses_unenforceable_tools() -> None:
     assert e.value.param == "tools" and "minimum" in e.value.message
 
 
-def test_grammar_orders_required_parameters_as_declared_and_resolves_refs() -> None:
+def test_grammar_takes_a_few_parameters_in_any_order_and_resolves_refs() -> None:
     tool = Tool(function=ToolFunction(name="f", parameters={
         "type": "object", "required": ["b", "a"], "$defs": {"Unit": {"type": "boolean"}},
         "properties": {"a": {"type": "integer"}, "o": {"type": "string"}, "b": {"$ref": "#/$defs/Unit"}}}))
     g = xml_grammar((tool,), lazy=False, parallel=False).gbnf or ""
-    assert 'call0 ::= "<function=f>\\n" call0-arg0 call0-arg1 call0-arg2? ' in g
+    # arg0..2 are a, b (required, in the properties' order) and o; leftN: the set still to write, as a bit mask
+    assert 'call0 ::= "<function=f>\\n" call0-left7 "</function>\\n"' in g
+    assert "call0-left7 ::= call0-arg0 call0-left6 | call0-arg1 call0-left5 | call0-arg2 call0-left3\n" in g
+    assert "call0-left4 ::=  | call0-arg2\n" in g  # only the optional one left: it may be skipped
+    assert "call0-left3 ::= call0-arg0 call0-left2 | call0-arg1 call0-left1\n" in g  # both required: no end
     assert '"<parameter=a>\\n" integer ' in g and '"<parameter=b>\\n" tool0-' in g and "boolean" in g
 
 
