@@ -2,8 +2,8 @@
 
     <tool_call>\\n<function=NAME>\\n(<parameter=P>\\nVALUE\\n</parameter>\\n)*</function>\\n</tool_call>
 
-NAME is an offered function; its parameters are its schema's properties, each required one once in the schema's
-order, then each optional one at most once, in order. A VALUE whose type is only non-string types follows that
+NAME is an offered function; its parameters are its schema's properties, each at most once and every required one
+present, in any order for a few of them (see ``_arguments``). A VALUE whose type is only non-string types follows that
 property's JSON schema (the same converter as ``response_format``); a string (or untyped, or string-or-other)
 value is free text that cannot contain ``</parameter>``, narrowed to the literals of a string ``enum``/``const``.
 """
