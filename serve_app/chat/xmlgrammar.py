@@ -14,6 +14,7 @@ import json
 from functools import lru_cache
 from typing import Any
 
+from serve_app.engine.gbnf import gbnf_literal, property_rules
 from serve_app.errors import InvalidRequestError
 from serve_app.protocol import GrammarSpec, Tool
 
@@ -21,12 +22,6 @@ from .xmlcalls import CLOSE_PARAM, OPEN_CALL, value_types
 
 TEXT = "xml-text"
 MAX_ANY_ORDER = 6  # parameters in any order up to this many (2^n rules): llama-server's bound too
-
-
-def _gbnf_literal(text: str) -> str:
-    from serve_app.engine.gbnf import gbnf_literal
-
-    return gbnf_literal(text)
 
 
 def _char_class(chars: list[str], negate: bool) -> str:
@@ -73,7 +68,7 @@ def _string_value(schema: Any) -> str:
     if isinstance(schema, dict) and "const" in schema:
         values = [schema["const"]]
     if values and all(isinstance(v, str) and CLOSE_PARAM not in v for v in values):
-        return "(" + " | ".join(_gbnf_literal(v) for v in values) + ")"
+        return "(" + " | ".join(gbnf_literal(v) for v in values) + ")"
     return TEXT
 
 
@@ -84,8 +79,6 @@ def _typed(schema: Any, root: Any) -> bool:
 
 @lru_cache(maxsize=64)
 def _body(tools_json: str) -> str:
-    from serve_app.engine.gbnf import property_rules
-
     tools: list[dict[str, Any]] = json.loads(tools_json)
     objects = []
     for t in tools:
@@ -99,12 +92,12 @@ def _body(tools_json: str) -> str:
         names = [p for p in props if p in listed] + [p for p in props if p not in listed]
         for j, p in enumerate(names):
             value = typed[i].get(p) or _string_value(props[p])
-            rules.append(f"call{i}-arg{j} ::= {_gbnf_literal(f'<parameter={p}>' + chr(10))} {value} "
-                         f"{_gbnf_literal(chr(10) + CLOSE_PARAM + chr(10))}")
+            rules.append(f"call{i}-arg{j} ::= {gbnf_literal(f'<parameter={p}>' + chr(10))} {value} "
+                         f"{gbnf_literal(chr(10) + CLOSE_PARAM + chr(10))}")
         args, arg_rules = _arguments(f"call{i}", [p in listed for p in names])
         rules += arg_rules
-        rules.append(f"call{i} ::= {_gbnf_literal('<function=' + t['name'] + '>' + chr(10))} "
-                     f"{args} {_gbnf_literal('</function>' + chr(10))}")
+        rules.append(f"call{i} ::= {gbnf_literal('<function=' + t['name'] + '>' + chr(10))} "
+                     f"{args} {gbnf_literal('</function>' + chr(10))}")
         calls.append(f"call{i}")
     return "\n".join([f"root ::= {' | '.join(calls)}", *rules, excluding(CLOSE_PARAM, TEXT), rules_text])
 
