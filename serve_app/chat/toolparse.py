@@ -32,7 +32,7 @@ def _arguments(value: Any) -> str:
         try:
             json.loads(value)
             return value
-        except ValueError:
+        except (ValueError, RecursionError):
             raise NotACall("arguments is not JSON") from None
     if not isinstance(value, dict):
         raise NotACall("arguments is not an object")
@@ -71,6 +71,8 @@ def decode_json(buf: str, final: bool) -> tuple[Any, int] | None:
         if incomplete and not final:
             return None
         raise NotACall(e.msg) from None
+    except RecursionError:  # nesting deeper than the decoder goes: not a call, and never an error to the client
+        raise NotACall("JSON nested too deeply") from None
 
 
 _SEPARATORS = re.compile(r"[\s;,]*")
@@ -88,7 +90,7 @@ def _hermes(buf: str, final: bool) -> tuple[list[ParsedCall], str] | None:
     body = buf if close < 0 else buf[:close]
     try:
         obj = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise NotACall("the body of <tool_call> is not JSON") from None
     rest = "" if close < 0 else buf[close + len("</tool_call>"):]
     return [call_from(obj)], _after_calls(rest)
@@ -255,7 +257,7 @@ def parse_generic(text: str) -> list[Piece]:
     ``{"tool_calls": [...]}`` or ``{"response": "..."}``; anything else is content."""
     try:
         obj = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return [text] if text else []
     try:
         if isinstance(obj, dict) and "tool_calls" in obj and isinstance(obj["tool_calls"], list):

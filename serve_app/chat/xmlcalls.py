@@ -55,7 +55,7 @@ def _json(text: str) -> Any:
         return _PY_LITERALS[text]
     try:
         return json.loads(text, parse_constant=_refuse_constant)
-    except ValueError:
+    except (ValueError, RecursionError):  # thousands of '[' exhaust the decoder's recursion: text, not an error
         return _NOT_JSON
 
 

@@ -101,6 +101,7 @@ def test_one_call_with_values_typed_by_the_schema() -> None:
     ("\n 7 \n", {"type": "integer"}, 7),
     ("\nTrue\n", {"type": "boolean"}, True),             # Python's spelling, as models trained on it write
     ("\nNaN\n", {"type": "number"}, "NaN"),              # not JSON: arguments must stay valid JSON
+    ("[" * 100_000, {"type": "array"}, "[" * 100_000),    # too deep for the decoder: text, never an error
     ("\nhello\n", {"type": ["string", "integer"]}, "hello"),
     ("\n[1]\n", {"type": ["string", "integer"]}, "[1]"),  # parses, but not as one of the other types
     ("\n5\n", {"anyOf": [{"type": "integer"}, {"type": "null"}]}, 5),
