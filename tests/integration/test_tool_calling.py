@@ -250,6 +250,11 @@ def test_xml_family_streams_the_same_calls_and_a_cut_off_call_is_content(models:
         cut = models.complete("qwen3-coder", params={"max_tokens": budget}, **{**kw, "tools": (noted,)})
         assert cut.finish_reason == "length" and cut.tool_calls is None
         assert cut.text and cut.text.startswith("<tool_")
+    # A parameter schema the grammar cannot enforce is the client's 400, naming the tools, before any slot.
+    bad = Tool(function=ToolFunction(name="f", parameters={"type": "object", "properties": {
+        "n": {"type": "integer", "minimum": 1}}}))
+    err = models.run(models.services["qwen3-coder"].complete(request(tools=(bad,), tool_choice="required")))
+    assert isinstance(err, ErrorEvent) and err.error.status == 400 and err.error.param == "tools"
 
 
 def test_xml_thinking_template_with_thinking_off_forces_the_call(models: Services) -> None:
