@@ -16,6 +16,7 @@ from serve_app.protocol import Tool
 
 
 class Family(StrEnum):
+    XML = "xml"              # Qwen3-Coder, Qwen3.5, Nemotron Nano 3: <tool_call>\n<function=f>\n<parameter=p>\n...
     HERMES = "hermes"        # Hermes 2 Pro, Qwen2.5, Qwen3: <tool_call>\n{"name", "arguments"}\n</tool_call>
     LLAMA3 = "llama3"        # Llama 3.1-3.3: {"name", "parameters"} (after <|python_tag|> for built-in tools)
     MISTRAL = "mistral"      # Mistral / Mixtral v0.3+: [TOOL_CALLS][{"name", "arguments"}, ...]
@@ -38,7 +39,9 @@ def detect(source: str) -> ChatFormat:
     """The format of a template, from markers its text contains (llama-server's ``common_chat_templates`` order:
     the most specific first)."""
     thinking = "<think>" in source or "</think>" in source
-    if "<tool_call>" in source:
+    if _xml_calls(source):
+        family = Family.XML
+    elif "<tool_call>" in source:
         family = Family.HERMES
     elif "[TOOL_CALLS]" in source:
         family = Family.MISTRAL
@@ -49,6 +52,13 @@ def detect(source: str) -> ChatFormat:
     else:
         family = Family.GENERIC
     return ChatFormat(family, thinking)
+
+
+def _xml_calls(source: str) -> bool:
+    # llama-server's Qwen3-Coder markers; a template that writes '<tool_call><function=' with no newline between
+    # the tags speaks a different variant, which it leaves to other parsers (and so do we).
+    return ("<tool_call>" in source and "<function=" in source and "<parameter=" in source
+            and "'<tool_call><function=' ~ tool_call.name ~ '>'" not in source)
 
 
 def tool_dicts(tools: tuple[Tool, ...]) -> list[dict[str, Any]]:

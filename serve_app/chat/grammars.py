@@ -11,6 +11,7 @@ from serve_app.protocol import GrammarSpec, Tool
 
 from .formats import Family
 from .reasoning import CLOSE
+from .xmlgrammar import xml_grammar
 
 _ANY_OBJECT: dict[str, Any] = {"type": "object"}
 
@@ -29,6 +30,8 @@ def _any_call(tools: tuple[Tool, ...], args_key: str = "arguments") -> dict[str,
 
 def tool_grammar(family: Family, tools: tuple[Tool, ...], *, lazy: bool, parallel: bool) -> GrammarSpec:
     """The calls' grammar for ``tools`` (already narrowed to the named one): forced, or ``lazy`` for ``auto``."""
+    if family is Family.XML:
+        return xml_grammar(tools, lazy=lazy, parallel=parallel)
     if family is Family.HERMES:
         return GrammarSpec(json_schema=_any_call(tools), prefix="<tool_call>\n", suffix="\n</tool_call>",
                            repeat=parallel, triggers=("<tool_call>",) if lazy else ())

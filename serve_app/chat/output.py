@@ -12,7 +12,7 @@ import dataclasses
 import secrets
 import string
 
-from serve_app.protocol import Delta, Done, FunctionCall, ToolCall, ToolCallDelta
+from serve_app.protocol import Delta, Done, FunctionCall, Tool, ToolCall, ToolCallDelta
 
 from .formats import Family
 from .reasoning import ThinkSplitter
@@ -29,10 +29,12 @@ def new_call_id(family: Family) -> str:
 
 
 class ChatOutput:
-    def __init__(self, family: Family, *, tools: bool, think: ThinkSplitter | None) -> None:
+    def __init__(self, family: Family, *, tools: bool, think: ThinkSplitter | None,
+                 offered: tuple[Tool, ...] = ()) -> None:
         self.family = family
         self.think = think
-        self.tools = ToolCallParser(family) if tools and family is not Family.GENERIC else None
+        # ``offered``: the request's tools, which type the XML family's parameter values
+        self.tools = ToolCallParser(family, offered) if tools and family is not Family.GENERIC else None
         self.generic = tools and family is Family.GENERIC
         self._generic_buf: list[str] = []
         self.n_calls = 0

@@ -14,6 +14,7 @@ from .formats import ChatFormat, Family, generic_system_prompt, tool_dicts
 from .grammars import after_thinking, tool_grammar
 from .output import ChatOutput
 from .reasoning import CLOSE, OPEN, ThinkSplitter
+from .xmlcalls import OPEN_CALL
 
 
 def _arguments_value(arguments: str) -> Any:
@@ -86,10 +87,11 @@ class ChatPlan:
         """The parsers for this request's output; None when the text passes through as is."""
         think = None
         if self.reasoning_format != "none" and (self.fmt.thinking or self.req.reasoning_format == "deepseek"):
-            think = ThinkSplitter(opened=prompt.rstrip().endswith(OPEN))
+            ends = (OPEN_CALL,) if self.fmt.family is Family.XML and self.tools_active else ()
+            think = ThinkSplitter(opened=prompt.rstrip().endswith(OPEN), ends=ends)
         if think is None and not self.tools_active:
             return None
-        return ChatOutput(self.fmt.family, tools=self.tools_active, think=think)
+        return ChatOutput(self.fmt.family, tools=self.tools_active, think=think, offered=self.req.tools)
 
 
 def _closed(prompt: str) -> bool:

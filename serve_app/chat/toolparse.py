@@ -13,13 +13,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from serve_app.protocol import Tool
+
+from .calls import NotACall, ParsedCall
 from .formats import Family
+from .xmlcalls import xml_rules
 
-
-@dataclass(frozen=True)
-class ParsedCall:
-    name: str
-    arguments: str  # a JSON text
+__all__ = ["NotACall", "ParsedCall", "Piece", "ToolCallParser", "call_from", "decode_json", "parse_generic"]
 
 
 Piece = str | ParsedCall
@@ -27,16 +27,12 @@ Piece = str | ParsedCall
 Extract = Callable[[str, bool], tuple[list[ParsedCall], str] | None]
 
 
-class NotACall(ValueError):
-    """The text after a trigger is not a well-formed call: it is content after all."""
-
-
 def _arguments(value: Any) -> str:
     if isinstance(value, str):
         try:
             json.loads(value)
             return value
-        except ValueError:
+        except (ValueError, RecursionError):
             raise NotACall("arguments is not JSON") from None
     if not isinstance(value, dict):
         raise NotACall("arguments is not an object")
@@ -75,6 +71,8 @@ def decode_json(buf: str, final: bool) -> tuple[Any, int] | None:
         if incomplete and not final:
             return None
         raise NotACall(e.msg) from None
+    except RecursionError:  # nesting deeper than the decoder goes: not a call, and never an error to the client
+        raise NotACall("JSON nested too deeply") from None
 
 
 _SEPARATORS = re.compile(r"[\s;,]*")
@@ -92,7 +90,7 @@ def _hermes(buf: str, final: bool) -> tuple[list[ParsedCall], str] | None:
     body = buf if close < 0 else buf[:close]
     try:
         obj = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise NotACall("the body of <tool_call> is not JSON") from None
     rest = "" if close < 0 else buf[close + len("</tool_call>"):]
     return [call_from(obj)], _after_calls(rest)
@@ -164,8 +162,11 @@ class ToolCallParser:
     """Feed text, get settled pieces; ``finish()`` settles the rest (an unclosed block: a call if its JSON is
     whole, else content)."""
 
-    def __init__(self, family: Family) -> None:
-        self.rules = _RULES.get(family, _RULES[Family.JSON])
+    def __init__(self, family: Family, tools: tuple[Tool, ...] = ()) -> None:
+        if family is Family.XML:  # its values are typed by the tools' schemas: rules of this request's own
+            self.rules = _Rules(*xml_rules(tools))
+        else:
+            self.rules = _RULES.get(family, _RULES[Family.JSON])
         self.buf = ""
         self.trigger: str | None = None  # the trigger of the block being read, None outside one
         self.after_call = False  # separators between parallel calls are dropped, even when they stream later
@@ -256,7 +257,7 @@ def parse_generic(text: str) -> list[Piece]:
     ``{"tool_calls": [...]}`` or ``{"response": "..."}``; anything else is content."""
     try:
         obj = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return [text] if text else []
     try:
         if isinstance(obj, dict) and "tool_calls" in obj and isinstance(obj["tool_calls"], list):

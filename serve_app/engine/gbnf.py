@@ -104,6 +104,24 @@ def schema_to_gbnf(schema: dict[str, Any]) -> str:
                      for line in str(conv.format_grammar()).split("\n"))
 
 
+def property_rules(objects: list[tuple[dict[str, Any], list[str]]]) -> tuple[str, list[dict[str, str]]]:
+    """GBNF rules for chosen properties of several object schemas (each a tool's parameters) in one grammar, for a
+    caller that writes the rest of it: the rules text (no ``root``) and, per object, each chosen property's rule
+    name. One converter for all, so shared primitives are written once and each object's ``$ref``s resolve within
+    that object. Raises ``ValueError`` for a schema that cannot be enforced."""
+    from llama_cpp.llama_grammar import SchemaConverter
+
+    conv = SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+    names: list[dict[str, str]] = []
+    for i, (schema, props) in enumerate(objects):
+        check_schema(schema)
+        resolved = conv.resolve_refs(json.loads(json.dumps(schema)), f"tool{i}")
+        names.append({p: conv.visit(resolved["properties"][p], f"tool{i}-{j}-value")
+                      for j, p in enumerate(props)})
+    return "\n".join(_CHAR_FIX if line.startswith("char ::= ") else line
+                     for line in str(conv.format_grammar()).split("\n")), names
+
+
 def gbnf_literal(text: str) -> str:
     out = []
     for ch in text:

@@ -6,7 +6,7 @@ Invariants: with tool_choice ``required`` or a named function every reply is a c
 function and whose arguments match its parameters schema, in every family; ``auto`` gives plain content or valid
 calls; ``none`` never a call; streamed tool-call deltas accumulate to the non-streamed calls; a bad
 tools/tool_choice is a 400; tool and free requests share a batch; a thinking model's thoughts come back as
-``reasoning_content``, streamed or not. Random weights only produce a parseable call through the grammar, which
+``reasoning_content``, streamed or not; an XML-family (Qwen3-Coder) call cut short comes back as content. Random weights only produce a parseable call through the grammar, which
 is the point: these tests need the engine's grammar support (serve_app/engine/grammar.py)."""
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ TIME = Tool(function=ToolFunction(name="get_time", parameters={
     "additionalProperties": False}))
 ASK = (Message(role="user", content="What is the weather in Paris?"),)
 FAMILIES = {"qwen2.5": T.QWEN25, "llama3.1": T.LLAMA31, "mistral-nemo": T.MISTRAL_NEMO, "qwen3": T.QWEN3,
-            "r1-distill": T.R1_DISTILL}
+            "r1-distill": T.R1_DISTILL, "qwen3-coder": T.QWEN3_CODER,
+            "qwen3.5": T.QWEN35}
 
 
 class Services:
@@ -124,7 +125,7 @@ def check_calls(done: Done, names: set[str]) -> list[dict[str, Any]]:
     return out
 
 
-@pytest.mark.parametrize("family", ["qwen2.5", "llama3.1", "mistral-nemo"])
+@pytest.mark.parametrize("family", ["qwen2.5", "llama3.1", "mistral-nemo", "qwen3-coder"])
 def test_required_and_named_calls_always_parse_and_match_the_schema(models: Services, family: str) -> None:
     done = models.complete(family, tools=(WEATHER, TIME), tool_choice="required", parallel_tool_calls=False)
     assert done.finish_reason == "tool_calls" and len(check_calls(done, {"get_weather", "get_time"})) == 1
@@ -217,3 +218,92 @@ def test_openai_client_streams_tool_call_deltas_that_add_up_to_the_call(llm_app:
     with pytest.raises(BadRequestError):
         bad: Any = [{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}]
         client.chat.completions.create(**{**kw, "tools": bad, "tool_choice": "auto"})
+
+
+def test_xml_family_streams_the_same_calls_and_a_cut_off_call_is_content(models: Services) -> None:
+    props: dict[str, Any] = {"n": {"type": "integer"}, "unit": {"type": "string", "enum": ["C", "F"]}}
+    counted = Tool(function=ToolFunction(name="count", parameters={"type": "object", "properties": props,
+                                                                   "required": ["n", "unit"]}))
+    kw: dict[str, Any] = dict(tools=(counted,), tool_choice="required", parallel_tool_calls=False)
+    done = models.complete("qwen3-coder", **kw)
+    [c] = done.tool_calls or []
+    args = json.loads(c.function.arguments)
+    assert done.finish_reason == "tool_calls" and isinstance(args["n"], int) and args["unit"] in ("C", "F")
+
+    async def stream() -> tuple[str, list[tuple[str, str]]]:
+        text, calls = [], {}
+        async for ev in models.services["qwen3-coder"].generate(request(**kw).model_copy(update={"stream": True})):
+            assert not isinstance(ev, ErrorEvent), ev
+            if isinstance(ev, Delta):
+                text.append(ev.text)
+                for d in ev.tool_calls or ():
+                    name, arguments = calls.get(d.index, ("", ""))
+                    calls[d.index] = (d.name or name, arguments + d.arguments)
+        return "".join(text), [calls[i] for i in sorted(calls)]
+
+    assert models.run(stream()) == ("", [(c.function.name, c.function.arguments)])
+    # These random weights (at temperature 0) do not close a free-text value: the forced call is cut by
+    # max_tokens and comes back as content, with no error (as does any call cut short).
+    noted = counted.model_copy(update={"function": counted.function.model_copy(update={"parameters": {
+        "type": "object", "properties": {**props, "note": {"type": "string"}}, "required": ["n", "unit", "note"]}})})
+    for budget in (6, 60):
+        cut = models.complete("qwen3-coder", params={"max_tokens": budget}, **{**kw, "tools": (noted,)})
+        assert cut.finish_reason == "length" and cut.tool_calls is None
+        assert cut.text and cut.text.startswith("<tool_")
+    # A parameter schema the grammar cannot enforce is the client's 400, naming the tools, before any slot.
+    bad = Tool(function=ToolFunction(name="f", parameters={"type": "object", "properties": {
+        "n": {"type": "integer", "minimum": 1}}}))
+    err = models.run(models.services["qwen3-coder"].complete(request(tools=(bad,), tool_choice="required")))
+    assert isinstance(err, ErrorEvent) and err.error.status == 400 and err.error.param == "tools"
+
+
+def test_xml_thinking_template_with_thinking_off_forces_the_call(models: Services) -> None:
+    done = models.complete("qwen3.5", tools=(WEATHER,), tool_choice="required", parallel_tool_calls=False,
+                           chat_template_kwargs={"enable_thinking": False})
+    assert done.finish_reason == "tool_calls" and done.reasoning is None
+    check_calls(done, {"get_weather"})
+
+
+def test_xml_grammar_takes_exactly_the_calls_it_promises(models: Services) -> None:
+    from serve_app.chat.xmlgrammar import xml_grammar
+    from serve_app.engine import compile_grammar
+    from serve_app.engine.grammar import _spelled
+
+    loaded = models.services["qwen3-coder"].loader.loaded
+    assert loaded is not None
+    model = loaded.model
+    noted = Tool(function=ToolFunction(name="note", parameters={
+        "type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}))
+
+    def takes(text: str, tools: tuple[Tool, ...] = (WEATHER, TIME), parallel: bool = False) -> bool:
+        """Whether the grammar takes ``text`` token by token (never accepting a refused one) and may end there."""
+        g = compile_grammar(xml_grammar(tools, lazy=False, parallel=parallel), model)
+        try:
+            toks = _spelled(text, model)  # tokens whose pieces are exactly the text (no SentencePiece space)
+            assert toks and b"".join(model.piece(t, special=True) for t in toks) == text.encode()
+            for t in toks:
+                if not g.allows(t):
+                    return False
+                g.accept(t)
+            return g.allows(model.eos)
+        finally:
+            g.close()
+
+    def weather(*params: tuple[str, str]) -> str:
+        body = "".join(f"<parameter={k}>\n{v}\n</parameter>\n" for k, v in params)
+        return f"<tool_call>\n<function=get_weather>\n{body}</function>\n</tool_call>"
+
+    assert takes(weather(("city", "Paris"), ("metric", "true")))
+    assert takes(weather(("metric", "false"), ("city", "Rome")))  # any order
+    assert takes(weather(("city", "Paris"), ("metric", "true")) + "\n" + weather(("city", "Rome"), ("metric", "true")),
+                 parallel=True)
+    assert not takes(weather(("city", "Paris"), ("metric", "true")) + "\n" + weather(("city", "Rome"), ("metric", "true")))
+    assert not takes(weather(("city", "Paris")))                                       # a required one missing
+    assert not takes(weather(("city", "Paris"), ("metric", "true"), ("city", "Rome")))  # twice
+    assert not takes(weather(("city", "Paris"), ("metric", "true"), ("wind", "1")))    # undeclared
+    assert not takes(weather(("city", "London"), ("metric", "true")))                  # not in the enum
+    assert not takes(weather(("city", "Paris"), ("metric", "yes")))                    # not a boolean
+    assert not takes("<tool_call>\n<function=get_date>\n</function>\n</tool_call>")    # not offered
+    free = "<tool_call>\n<function=note>\n<parameter=text>\n{}\n</parameter>\n</function>\n</tool_call>"
+    assert takes(free.format("a <b> </param </parameter </tool_call>\nx"), (noted,))
+    assert not takes(free.format("a</parameter>b"), (noted,))  # the value cannot hold its closing tag

@@ -13,6 +13,8 @@ LLAMA31 = "meta-llama-Llama-3.1-8B-Instruct.jinja"
 LLAMA32 = "meta-llama-Llama-3.2-3B-Instruct.jinja"
 MISTRAL_NEMO = "mistralai-Mistral-Nemo-Instruct-2407.jinja"
 QWEN3 = "Qwen-Qwen3-0.6B.jinja"
+QWEN3_CODER = "Qwen3-Coder.jinja"
+QWEN35 = "Qwen-Qwen3.5-4B.jinja"
 R1_DISTILL = "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja"
 GEMMA2 = "google-gemma-2-2b-it.jinja"
 

@@ -142,3 +142,13 @@ def test_mistral_call_ids_are_nine_alphanumerics_as_its_template_demands() -> No
     evs = drive(out, '[TOOL_CALLS][{"name": "f", "arguments": {}}]', 1000)
     first = evs[0].tool_calls[0]
     assert len(first.id) == 9 and first.id.isalnum()
+
+
+@pytest.mark.parametrize("family", [Family.HERMES, Family.LLAMA3, Family.MISTRAL, Family.JSON])
+def test_json_nested_deeper_than_the_decoder_goes_is_content_not_an_error(family: Family) -> None:
+    deep = "[" * 100_000
+    for text in (f"<tool_call>{deep}</tool_call>", f"[TOOL_CALLS]{deep}", '{"name": "f", "arguments": ' + deep,
+                 '<tool_call>{"name": "f", "arguments": "' + deep + '"}</tool_call>'):
+        got = parse(family, text)
+        assert "".join(p for p in got if isinstance(p, str)) == text and all(isinstance(p, str) for p in got)
+    assert parse_generic(deep) == [deep]

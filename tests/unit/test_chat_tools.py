@@ -52,7 +52,8 @@ HISTORY = (
 @pytest.mark.parametrize(("name", "family", "thinking"), [
     (T.QWEN25, Family.HERMES, False), (T.HERMES3, Family.HERMES, False), (T.QWEN3, Family.HERMES, True),
     (T.LLAMA31, Family.LLAMA3, False), (T.LLAMA32, Family.LLAMA3, False), (T.MISTRAL_NEMO, Family.MISTRAL, False),
-    (T.R1_DISTILL, Family.GENERIC, True), (T.GEMMA2, Family.GENERIC, False)])
+    (T.R1_DISTILL, Family.GENERIC, True), (T.GEMMA2, Family.GENERIC, False), (T.QWEN3_CODER, Family.XML, False),
+    (T.QWEN35, Family.XML, True)])
 def test_templates_are_recognised_and_render_tools_and_tool_history(name: str, family: Family,
                                                                     thinking: bool) -> None:
     fmt = detect(T.template(name))
