@@ -35,11 +35,17 @@ class GrammarSpec(_Strict):
 
     gbnf: str | None = None            # a GBNF grammar whose start rule is "root"
     json_schema: dict[str, Any] | None = None  # or a JSON schema ({} = any JSON value; {"type": "object"} = any object)
+    lead: str = ""                     # literal text once, before the first block (e.g. "</think>\n\n")
     prefix: str = ""                   # literal text the output starts with, before the JSON (e.g. "<tool_call>\n")
     suffix: str = ""                   # literal text after it
     repeat: bool = False               # one or more prefix-JSON-suffix blocks, whitespace between (parallel calls)
     triggers: tuple[str, ...] = ()     # lazy: free text until one of these appears, then the grammar applies
-                                       # from that text on (so prefix starts with the trigger text)
+                                       # from that text on (so lead + prefix starts with the trigger text)
+
+    @property
+    def start(self) -> str:
+        """The literal text the constrained output begins with."""
+        return self.lead + self.prefix
 
     @model_validator(mode="after")
     def _one_grammar(self) -> GrammarSpec:

@@ -64,9 +64,9 @@ def generic_schema(tools: tuple[Tool, ...], *, forced: bool, parallel: bool) -> 
 
 
 def after_thinking(spec: GrammarSpec) -> GrammarSpec:
-    """``spec`` for a model that is thinking: free text until ``</think>``, then the constraint. A lazy spec
-    already lets the thinking through (it starts at its own trigger). Repeated blocks cannot follow a one-off
-    ``</think>`` in this shape: a forced parallel call becomes one call."""
+    """``spec`` for a model that is thinking: free text until ``</think>``, then the constraint (``</think>`` once,
+    then the blocks, repeated for parallel calls). A lazy spec already lets the thinking through (it starts at its
+    own trigger)."""
     if spec.triggers:
         return spec
-    return spec.model_copy(update={"triggers": (CLOSE,), "prefix": CLOSE + "\n\n" + spec.prefix, "repeat": False})
+    return spec.model_copy(update={"triggers": (CLOSE,), "lead": CLOSE + "\n\n" + spec.lead})

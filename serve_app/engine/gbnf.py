@@ -184,16 +184,17 @@ def nesting(gbnf: str) -> int:
 
 
 def _wrap(body: str, spec: GrammarSpec) -> str:
-    """The grammar's own root wrapped in the spec's prefix / suffix, once or repeated."""
-    if not (spec.prefix or spec.suffix or spec.repeat):
+    """The grammar's own root wrapped in the spec's prefix / suffix, once or repeated, after its lead (once)."""
+    if not (spec.lead or spec.prefix or spec.suffix or spec.repeat):
         return body
     inner = "wrapped-root"
     while re.search(rf"(?<![\w-]){inner}(?![\w-])", body):
         inner += "-x"
     block = " ".join(x for x in (gbnf_literal(spec.prefix) if spec.prefix else "", inner,
                                  gbnf_literal(spec.suffix) if spec.suffix else "") if x)
-    top = f"root ::= wrapped-block ([ \\t\\n]{{0,4}} wrapped-block)*\nwrapped-block ::= {block}" if spec.repeat \
-        else f"root ::= {block}"
+    lead = f"{gbnf_literal(spec.lead)} " if spec.lead else ""
+    top = f"root ::= {lead}wrapped-block ([ \\t\\n]{{0,4}} wrapped-block)*\nwrapped-block ::= {block}" \
+        if spec.repeat else f"root ::= {lead}{block}"
     return f"{top}\n{rename_rule(body, ROOT, inner)}"
 
 

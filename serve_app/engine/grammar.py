@@ -207,7 +207,7 @@ def compile_grammar(spec: GrammarSpec, model: LlamaModelHandle) -> GrammarSample
     """A fresh grammar state for one request (blocking: run it off the event loop, before taking a slot); raises
     ``InvalidRequestError`` for a spec that does not compile or that llama.cpp refuses."""
     text = CACHE.get(spec)
-    loose = tuple(t for t in spec.triggers if not spec.prefix.startswith(t))
+    loose = tuple(t for t in spec.triggers if not spec.start.startswith(t))
     if loose:
         _check_takes_triggers(spec, text, loose, model)
     L = lib()
@@ -222,7 +222,7 @@ def compile_grammar(spec: GrammarSpec, model: LlamaModelHandle) -> GrammarSample
         raise InvalidRequestError(
             f"the {what} does not parse (llama.cpp refused it: a syntax error, an undefined rule, a missing "
             f"'root' rule or left recursion)", param=_param(spec))
-    watch = TriggerWatch(spec.triggers, spec.prefix, lambda t: model.piece(t, special=True)) if spec.triggers \
+    watch = TriggerWatch(spec.triggers, spec.start, lambda t: model.piece(t, special=True)) if spec.triggers \
         else None
     return GrammarSampler(ptr, model.n_vocab, utf8_table(model), watch)
 

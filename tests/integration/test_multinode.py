@@ -43,7 +43,10 @@ def serve_config(model: Path, volume: Path, port: int) -> dict[str, Any]:
         "applications": [{
             "name": "llm", "route_prefix": "/", "import_path": "serve_app.builder:build_app",
             "args": {"model": {"filename": str(model)}, "cache_dir": str(volume), "accelerator": "cpu",
-                     "engine": {"n_parallel": 4, "n_ctx_per_slot": 512, "n_threads": 1, "max_queued_requests": 32},
+                     # Slots for the whole burst on either replica, next to the steady load: every burst stream
+                     # starts at once, so the ones on the lost node are still running when it dies (with 4 slots,
+                     # an uneven split queued the last ones behind the others, and the lost node's had finished).
+                     "engine": {"n_parallel": 8, "n_ctx_per_slot": 512, "n_threads": 1, "max_queued_requests": 32},
                      "replicas": {"num_replicas": 2},
                      # Load balancing alone (power of two choices): the test places long streams on both nodes.
                      "routing": {"prefix_affinity": False}},

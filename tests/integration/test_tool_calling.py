@@ -6,8 +6,9 @@ Invariants: with tool_choice ``required`` or a named function every reply is a c
 function and whose arguments match its parameters schema, in every family; ``auto`` gives plain content or valid
 calls; ``none`` never a call; streamed tool-call deltas accumulate to the non-streamed calls; a bad
 tools/tool_choice is a 400; tool and free requests share a batch; a thinking model's thoughts come back as
-``reasoning_content``, streamed or not; an XML-family (Qwen3-Coder) call cut short comes back as content. Random weights only produce a parseable call through the grammar, which
-is the point: these tests need the engine's grammar support (serve_app/engine/grammar.py)."""
+``reasoning_content``, streamed or not, and forced parallel calls may follow its thoughts; an XML-family
+(Qwen3-Coder) call cut short comes back as content. Random weights only produce a parseable call through the
+grammar, which is the point: these tests need the engine's grammar support (serve_app/engine/grammar.py)."""
 
 from __future__ import annotations
 
@@ -307,3 +308,36 @@ def test_xml_grammar_takes_exactly_the_calls_it_promises(models: Services) -> No
     free = "<tool_call>\n<function=note>\n<parameter=text>\n{}\n</parameter>\n</function>\n</tool_call>"
     assert takes(free.format("a <b> </param </parameter </tool_call>\nx"), (noted,))
     assert not takes(free.format("a</parameter>b"), (noted,))  # the value cannot hold its closing tag
+
+
+def test_forced_parallel_calls_after_thinking_close_the_thoughts_once(models: Services) -> None:
+    from serve_app.chat.formats import Family
+    from serve_app.chat.grammars import after_thinking, tool_grammar
+    from serve_app.engine import compile_grammar
+    from serve_app.engine.grammar import _spelled
+
+    loaded = models.services["qwen3"].loader.loaded
+    assert loaded is not None
+    model = loaded.model
+    spec = after_thinking(tool_grammar(Family.HERMES, (WEATHER, TIME), lazy=False, parallel=True))
+
+    def takes(text: str) -> bool:
+        g = compile_grammar(spec, model)
+        try:
+            toks = _spelled(text, model)  # tokens whose pieces are exactly the text
+            assert toks and b"".join(model.piece(t, special=True) for t in toks) == text.encode()
+            for t in toks:
+                if not g.allows(t):
+                    return False
+                g.accept(t)
+            return g.allows(model.eos)
+        finally:
+            g.close()
+
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "metric": true}}\n</tool_call>'
+    other = '<tool_call>\n{"name": "get_time", "arguments": {"utc": false}}\n</tool_call>'
+    thoughts = "(two cities, two calls)</think>\n\n"  # spelled exactly (no word-initial SentencePiece space)
+    assert takes(thoughts + call)
+    assert takes(thoughts + call + "\n" + other)  # parallel calls after the thoughts
+    assert not takes(thoughts + call + "\n</think>\n\n" + other)  # the thoughts close once
+    assert not takes(thoughts + "the weather is fine")  # after </think>: a call, nothing else

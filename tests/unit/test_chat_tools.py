@@ -101,13 +101,14 @@ def test_generic_format_is_enforced_whole_and_a_thinking_model_is_constrained_af
     auto = tool_grammar(Family.GENERIC, (WEATHER,), lazy=True, parallel=False)
     assert "anyOf" in auto.json_schema and "response" in json.dumps(auto.json_schema)
     json_answer = GrammarSpec(json_schema={"type": "object"})
-    assert after_thinking(json_answer) == GrammarSpec(json_schema={"type": "object"}, prefix="</think>\n\n",
+    assert after_thinking(json_answer) == GrammarSpec(json_schema={"type": "object"}, lead="</think>\n\n",
                                                       triggers=("</think>",))
     fmt = detect(T.template(T.QWEN3))
     req = GenerateRequest(label="r", messages=HISTORY[:1], tools=(WEATHER,), tool_choice="required")
     thinking = plan_chat(fmt, req, "auto").grammar("<|im_start|>assistant\n")
     assert thinking is not None and thinking.triggers == ("</think>",)
-    assert thinking.prefix == "</think>\n\n<tool_call>\n"
+    assert (thinking.lead, thinking.prefix, thinking.repeat) == ("</think>\n\n", "<tool_call>\n", True)
+    assert thinking.start == "</think>\n\n<tool_call>\n"  # parallel calls after the thoughts: </think> once
     # enable_thinking=false: the template closed the thoughts in the prompt, so the call is forced at once
     closed = plan_chat(fmt, req, "auto").grammar("<|im_start|>assistant\n<think>\n\n</think>\n\n")
     assert closed is not None and closed.triggers == () and closed.prefix == "<tool_call>\n"
