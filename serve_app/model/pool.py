@@ -319,22 +319,17 @@ class LlamaPool:
             yield self._stamp(ev)
 
     async def complete(self, req: GenerateRequest) -> Done | ErrorEvent:
-        try:
-            r = await self._resident()
-        except ServeError as e:
-            return ErrorEvent(e)
-        return cast(Done | ErrorEvent, self._stamp(await r.call(lambda s: s.complete(req))))
+        return cast(Done | ErrorEvent, self._stamp(await self._one_shot(lambda s: s.complete(req))))
 
     async def tokenize(self, call: TokenizeCall) -> Tokens | ErrorEvent:
-        try:
-            r = await self._resident()
-        except ServeError as e:
-            return ErrorEvent(e)
-        return await r.call(lambda s: s.tokenize(call))
+        return cast(Tokens | ErrorEvent, await self._one_shot(lambda s: s.tokenize(call)))
 
     async def detokenize(self, call: DetokenizeCall) -> Text | ErrorEvent:
+        return cast(Text | ErrorEvent, await self._one_shot(lambda s: s.detokenize(call)))
+
+    async def _one_shot(self, fn: Callable[[ModelService], Awaitable[T]]) -> T | ErrorEvent:
         try:
             r = await self._resident()
         except ServeError as e:
             return ErrorEvent(e)
-        return await r.call(lambda s: s.detokenize(call))
+        return await r.call(fn)

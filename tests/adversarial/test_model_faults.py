@@ -120,6 +120,9 @@ PERMANENT = {
     "file_not_found": {"repo_id": TEST_REPO, "filename": "absent-Q4_K_M.gguf"},
     "local_file_not_found": {"filename": "/nonexistent/private-dir/model.gguf"},
 }
+# What in a Hub request's path belongs to each case (the five apps start at once); None: no Hub request at all.
+HUB_PATH = {"repo_not_found": "no-such-GGUF", "gated_repo": "gated-GGUF", "revision_not_found": "v9-missing",
+            "file_not_found": f"{TEST_REPO}/revision/main", "local_file_not_found": None}
 
 
 def _health_check(replica: Any) -> str | None:
@@ -131,37 +134,52 @@ def _health_check(replica: Any) -> str | None:
         return f"{type(e).__name__}: {e}"
 
 
+@pytest.fixture(scope="module")
+def permanent_apps(ray_session: str, hub, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """One app per permanent failure, all deployed at once (each fails on its own; waiting for them one after
+    another would only add up their start-ups)."""
+    hub.add_file("acme/gated-GGUF", TEST_FILE, tiny_model, gated=True)
+    hub.reset_log()
+    names = {code: f"perm-{code.replace('_', '-')}" for code in PERMANENT}
+    for code, name in names.items():
+        args = {"model": PERMANENT[code], "cache_dir": str(tmp_path_factory.mktemp("vol")), "accelerator": "cpu",
+                "engine": {"n_parallel": 1, "n_ctx_per_slot": 128}}
+        serve.run(build_app(args), name=name, route_prefix=f"/{name}", blocking=False)
+    try:
+        yield names
+    finally:
+        for name in names.values():
+            serve.delete(name, _blocking=False)
+
+
+def hub_calls(hub: Any, code: str) -> list[dict[str, Any]]:
+    mark = HUB_PATH[code]
+    return [r for r in hub.requests if mark is not None and mark in r["path"]]
+
+
 @pytest.mark.parametrize("code", sorted(PERMANENT))
 def test_permanent_load_failure_stays_failed_without_restarts_or_retries(code: str, ray_session: str, hub,
-                                                                         tiny_model: Path, tmp_path: Path) -> None:
-    hub.add_file("acme/gated-GGUF", TEST_FILE, tiny_model, gated=True)
-    name = f"perm-{code.replace('_', '-')}"
-    args = {"model": PERMANENT[code], "cache_dir": str(tmp_path / "vol"), "accelerator": "cpu",
-            "engine": {"n_parallel": 1, "n_ctx_per_slot": 128}}
-    hub.reset_log()
-    serve.run(build_app(args), name=name, route_prefix=f"/{name}")
-    try:
-        body: dict = {}
-        deadline = time.monotonic() + 60
-        while body.get("status") != "failed" and time.monotonic() < deadline:
-            r = httpx.get(f"{ray_session}/{name}/ready", timeout=10)
-            body = r.json()
-            time.sleep(0.2)
-        assert r.status_code == 503 and body["status"] == "failed", body
-        assert body["reason"].startswith(f"{code}: "), body
-        assert "/" not in body["reason"].split(": ", 1)[1] and "private-dir" not in body["reason"], body
-        stats = httpx.get(f"{ray_session}/{name}/stats", timeout=10).json()
-        assert "detail" not in stats and "private-dir" not in json.dumps(stats.get("reason")), stats
-        [replica] = replica_actors(name)
-        # A check_health that raised would make Ray Serve replace the replica, which would fail the same way again.
-        assert ray.get(ray.get_actor(replica, namespace="serve").__ray_call__.remote(_health_check)) is None
-        calls = len(hub.requests)
-        time.sleep(2)
-        assert len(hub.requests) == calls, hub.requests[calls:]  # no retries in the background
-        assert calls <= 4, hub.requests  # one lookup (the client may follow a redirect), not a retry storm
-        assert replica_actors(name) == [replica]
-    finally:
-        serve.delete(name)
+                                                                         permanent_apps: dict[str, str]) -> None:
+    name = permanent_apps[code]
+    body: dict = {}
+    deadline = time.monotonic() + 90
+    while body.get("status") != "failed" and time.monotonic() < deadline:
+        r = httpx.get(f"{ray_session}/{name}/ready", timeout=10)
+        body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
+        time.sleep(0.2)
+    assert r.status_code == 503 and body["status"] == "failed", body
+    assert body["reason"].startswith(f"{code}: "), body
+    assert "/" not in body["reason"].split(": ", 1)[1] and "private-dir" not in body["reason"], body
+    stats = httpx.get(f"{ray_session}/{name}/stats", timeout=10).json()
+    assert "detail" not in stats and "private-dir" not in json.dumps(stats.get("reason")), stats
+    [replica] = replica_actors(name)
+    # A check_health that raised would make Ray Serve replace the replica, which would fail the same way again.
+    assert ray.get(ray.get_actor(replica, namespace="serve").__ray_call__.remote(_health_check)) is None
+    calls = len(hub_calls(hub, code))
+    time.sleep(1)
+    assert len(hub_calls(hub, code)) == calls, hub_calls(hub, code)[calls:]  # no retries in the background
+    assert calls <= 4, hub_calls(hub, code)  # one lookup (the client may follow a redirect), not a retry storm
+    assert replica_actors(name) == [replica]
 
 
 def test_streams_keep_flowing_during_large_tokenize_and_detokenize_calls(llm_app: str) -> None:

@@ -144,8 +144,9 @@ def test_required_and_named_calls_always_parse_and_match_the_schema(models: Serv
     assert none.tool_calls is None and none.finish_reason in ("stop", "length")
 
 
-def test_thinking_template_with_thinking_off_forces_the_call_at_once(models: Services) -> None:
-    done = models.complete("qwen3", tools=(WEATHER,), tool_choice="required", parallel_tool_calls=False,
+@pytest.mark.parametrize("family", ["qwen3", "qwen3.5"])
+def test_thinking_template_with_thinking_off_forces_the_call_at_once(models: Services, family: str) -> None:
+    done = models.complete(family, tools=(WEATHER,), tool_choice="required", parallel_tool_calls=False,
                            chat_template_kwargs={"enable_thinking": False})
     assert done.finish_reason == "tool_calls" and done.reasoning is None
     check_calls(done, {"get_weather"})
@@ -258,17 +259,27 @@ def test_xml_family_streams_the_same_calls_and_a_cut_off_call_is_content(models:
     assert isinstance(err, ErrorEvent) and err.error.status == 400 and err.error.param == "tools"
 
 
-def test_xml_thinking_template_with_thinking_off_forces_the_call(models: Services) -> None:
-    done = models.complete("qwen3.5", tools=(WEATHER,), tool_choice="required", parallel_tool_calls=False,
-                           chat_template_kwargs={"enable_thinking": False})
-    assert done.finish_reason == "tool_calls" and done.reasoning is None
-    check_calls(done, {"get_weather"})
+def grammar_takes(spec: Any, model: Any, text: str) -> bool:
+    """Whether llama.cpp's grammar engine, compiled from ``spec``, takes ``text`` token by token (never accepting a
+    refused token) and may end there."""
+    from serve_app.engine import compile_grammar
+    from serve_app.engine.grammar import _spelled
+
+    g = compile_grammar(spec, model)
+    try:
+        toks = _spelled(text, model)  # tokens whose pieces are exactly the text (no SentencePiece space)
+        assert toks and b"".join(model.piece(t, special=True) for t in toks) == text.encode()
+        for t in toks:
+            if not g.allows(t):
+                return False
+            g.accept(t)
+        return g.allows(model.eos)
+    finally:
+        g.close()
 
 
 def test_xml_grammar_takes_exactly_the_calls_it_promises(models: Services) -> None:
     from serve_app.chat.xmlgrammar import xml_grammar
-    from serve_app.engine import compile_grammar
-    from serve_app.engine.grammar import _spelled
 
     loaded = models.services["qwen3-coder"].loader.loaded
     assert loaded is not None
@@ -277,18 +288,7 @@ def test_xml_grammar_takes_exactly_the_calls_it_promises(models: Services) -> No
         "type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}))
 
     def takes(text: str, tools: tuple[Tool, ...] = (WEATHER, TIME), parallel: bool = False) -> bool:
-        """Whether the grammar takes ``text`` token by token (never accepting a refused one) and may end there."""
-        g = compile_grammar(xml_grammar(tools, lazy=False, parallel=parallel), model)
-        try:
-            toks = _spelled(text, model)  # tokens whose pieces are exactly the text (no SentencePiece space)
-            assert toks and b"".join(model.piece(t, special=True) for t in toks) == text.encode()
-            for t in toks:
-                if not g.allows(t):
-                    return False
-                g.accept(t)
-            return g.allows(model.eos)
-        finally:
-            g.close()
+        return grammar_takes(xml_grammar(tools, lazy=False, parallel=parallel), model, text)
 
     def weather(*params: tuple[str, str]) -> str:
         body = "".join(f"<parameter={k}>\n{v}\n</parameter>\n" for k, v in params)
@@ -313,8 +313,6 @@ def test_xml_grammar_takes_exactly_the_calls_it_promises(models: Services) -> No
 def test_forced_parallel_calls_after_thinking_close_the_thoughts_once(models: Services) -> None:
     from serve_app.chat.formats import Family
     from serve_app.chat.grammars import after_thinking, tool_grammar
-    from serve_app.engine import compile_grammar
-    from serve_app.engine.grammar import _spelled
 
     loaded = models.services["qwen3"].loader.loaded
     assert loaded is not None
@@ -322,17 +320,7 @@ def test_forced_parallel_calls_after_thinking_close_the_thoughts_once(models: Se
     spec = after_thinking(tool_grammar(Family.HERMES, (WEATHER, TIME), lazy=False, parallel=True))
 
     def takes(text: str) -> bool:
-        g = compile_grammar(spec, model)
-        try:
-            toks = _spelled(text, model)  # tokens whose pieces are exactly the text
-            assert toks and b"".join(model.piece(t, special=True) for t in toks) == text.encode()
-            for t in toks:
-                if not g.allows(t):
-                    return False
-                g.accept(t)
-            return g.allows(model.eos)
-        finally:
-            g.close()
+        return grammar_takes(spec, model, text)
 
     call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "metric": true}}\n</tool_call>'
     other = '<tool_call>\n{"name": "get_time", "arguments": {"utc": false}}\n</tool_call>'
