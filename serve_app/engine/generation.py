@@ -132,11 +132,14 @@ class Generation:
         lp, self._lp = self._lp, None
         self.out_tokens.append(tok)
         raw = self.utf8.push(self.model.piece(tok))
-        if lp is not None:
-            self._lp_held.append((self._raw_chars, lp))
-        self._raw_chars += len(raw)
+        lps = None
+        if self.n_logprobs is not None:  # the bookkeeping only for requests that asked for logprobs
+            if lp is not None:
+                self._lp_held.append((self._raw_chars, lp))
+            self._raw_chars += len(raw)
         text, stopped = self.stops.push(raw)
-        lps = self._release(text, stopped)
+        if self.n_logprobs is not None:
+            lps = self._release(text, stopped)
         delta = None
         if not self.req.stream:
             self.text.append(text)

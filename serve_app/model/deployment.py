@@ -13,7 +13,6 @@ from typing import Any
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from serve_app.cache.results import CachedFile
 from serve_app.config import AppArgs
 from serve_app.engine import RequestStream
 from serve_app.errors import ServeError
@@ -28,10 +27,10 @@ from serve_app.protocol import (
     Text,
     TokenizeCall,
     Tokens,
-    raise_if_error,
 )
 
-from .service import ModelService
+from .loading import cache_fetch
+from .service import ModelService, stamp_replica
 
 
 @serve.deployment
@@ -39,20 +38,9 @@ class LlamaModel:
     def __init__(self, cache: DeploymentHandle, args: dict[str, Any], use_gpu: bool) -> None:
         self.cache = cache
         # Ray runs the constructor on the replica's event loop, so loading starts on that loop.
-        self.service = ModelService(AppArgs.model_validate(args), self._cache_call, use_gpu, metrics=ModelMetrics())
+        self.service = ModelService(AppArgs.model_validate(args), cache_fetch(cache), use_gpu, metrics=ModelMetrics())
         self.service.start()
         self.replica = serve.get_replica_context().replica_id.unique_id
-
-    def _stamp(self, ev: Any) -> Any:
-        """The final event names this replica (``Timings.replica``): prefix affinity is observable from outside."""
-        if isinstance(ev, Done):
-            ev.timings.replica = self.replica
-        return ev
-
-    async def _cache_call(self, method: str, ref: dict[str, Any]) -> CachedFile:
-        """The one place LlamaModel talks to ModelCache: ``ensure`` or ``heal`` -> the verified file."""
-        result: CachedFile = raise_if_error(await getattr(self.cache, method).remote(ref))
-        return result
 
     # ---- Ray Serve hooks -----------------------------------------------------------------------------------
 
@@ -84,10 +72,10 @@ class LlamaModel:
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[Event]:
         async for ev in self.service.generate(req):
-            yield self._stamp(ev)
+            yield stamp_replica(ev, self.replica)
 
     async def complete(self, req: GenerateRequest) -> Done | ErrorEvent:
-        result: Done | ErrorEvent = self._stamp(await self.service.complete(req))
+        result: Done | ErrorEvent = stamp_replica(await self.service.complete(req), self.replica)
         return result
 
     async def tokenize(self, call: TokenizeCall) -> Tokens | ErrorEvent:

@@ -15,13 +15,12 @@ from typing import Any
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from serve_app.cache.results import CachedFile
 from serve_app.config import AppArgs, EngineConfig
 from serve_app.engine.embedding import Pooling, load_embedding_engine
 from serve_app.errors import NotReadyError, ServeError
-from serve_app.protocol import EmbedCall, Embeddings, ErrorEvent, ModelInfo, raise_if_error
+from serve_app.protocol import EmbedCall, Embeddings, ErrorEvent, ModelInfo
 
-from .loading import Loader
+from .loading import Loader, cache_fetch
 
 
 def embedding_factory(pooling: Pooling, normalize: bool) -> Any:
@@ -81,12 +80,8 @@ class EmbeddingModel:
     def __init__(self, cache: DeploymentHandle, args: dict[str, Any], use_gpu: bool, pooling: Pooling,
                  normalize: bool) -> None:
         self.cache = cache
-        self.service = EmbeddingService(AppArgs.model_validate(args), self._cache_call, use_gpu, pooling, normalize)
+        self.service = EmbeddingService(AppArgs.model_validate(args), cache_fetch(cache), use_gpu, pooling, normalize)
         self.service.start()
-
-    async def _cache_call(self, method: str, ref: dict[str, Any]) -> CachedFile:
-        result: CachedFile = raise_if_error(await getattr(self.cache, method).remote(ref))
-        return result
 
     def check_health(self) -> None:
         problem = self.service.loader.health_problem()

@@ -23,7 +23,7 @@ from serve_app.cache.results import CachedFile
 from serve_app.config import AppArgs, EngineConfig
 from serve_app.engine import Engine, LlamaModelHandle, LoadReport, device_name, load_engine
 from serve_app.errors import ModelLoadError, ServeError
-from serve_app.protocol import ModelState
+from serve_app.protocol import ModelState, raise_if_error
 
 from .prompt import PromptBuilder, load_template
 
@@ -33,6 +33,15 @@ log = logging.getLogger("ray.serve")
 EngineFactory = Callable[[str, EngineConfig, bool, str], tuple[Engine, LlamaModelHandle, LoadReport]]
 # (ModelCache method, model ref) -> the verified file on the volume; raises ServeError.
 FetchFile = Callable[[str, dict[str, Any]], Awaitable[CachedFile]]
+
+
+def cache_fetch(cache: Any) -> FetchFile:
+    """The one way a model deployment talks to ModelCache (its handle): ``ensure`` or ``heal`` -> the verified
+    file, or the cache's error raised."""
+    async def fetch(method: str, ref: dict[str, Any]) -> CachedFile:
+        result: CachedFile = raise_if_error(await getattr(cache, method).remote(ref))
+        return result
+    return fetch
 
 
 def default_engine_factory(path: str, cfg: EngineConfig, use_gpu: bool,

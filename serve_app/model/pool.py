@@ -24,7 +24,6 @@ from typing import Any, TypeVar, cast
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from serve_app.cache.results import CachedFile
 from serve_app.config import AppArgs
 from serve_app.errors import EngineDeadError, InvalidRequestError, ModelUnloadedError, ServeError
 from serve_app.metrics import ModelMetrics
@@ -38,12 +37,11 @@ from serve_app.protocol import (
     Text,
     TokenizeCall,
     Tokens,
-    raise_if_error,
 )
 from serve_app.replicas import combine
 
-from .loading import public_reason
-from .service import ModelService, report_gauges
+from .loading import cache_fetch, public_reason
+from .service import ModelService, report_gauges, stamp_replica
 
 log = logging.getLogger("ray.serve")
 T = TypeVar("T")
@@ -224,16 +222,12 @@ class LlamaPool:
         self._tasks = [self.loop.create_task(self._preload(list(self.args)[:max_loaded])),
                        self.loop.create_task(self._report_gauges())]
 
-    async def _cache_call(self, method: str, ref: dict[str, Any]) -> CachedFile:
-        result: CachedFile = raise_if_error(await getattr(self.cache, method).remote(ref))
-        return result
-
     async def _open(self, name: str) -> Resident:
         args = self.args.get(name)
         if args is None:
             raise InvalidRequestError(f"model '{name}' is not in this pool", param="model")
         log.info("loading model %s on demand (held: %s)", name, ", ".join(self.pool.residents) or "none")
-        service = ModelService(args, self._cache_call, self.use_gpu, metrics=self.metrics, gauges=False)
+        service = ModelService(args, cache_fetch(self.cache), self.use_gpu, metrics=self.metrics, gauges=False)
         await service.load()
         r = Resident(name, service, self.loop, self.grace_s, self.pool.gone)
         self.pool.touch(r)
@@ -284,11 +278,6 @@ class LlamaPool:
                 return r
         raise ModelUnloadedError(f"model '{name}' is being unloaded; send the request again")
 
-    def _stamp(self, ev: Any) -> Any:
-        if isinstance(ev, Done):
-            ev.timings.replica = self.replica
-        return ev
-
     # ---- Ray Serve hooks -----------------------------------------------------------------------------------
 
     def check_health(self) -> None:
@@ -316,10 +305,10 @@ class LlamaPool:
             yield ErrorEvent(e)
             return
         async for ev in r.generate(lambda s: s.generate(req)):
-            yield self._stamp(ev)
+            yield stamp_replica(ev, self.replica)
 
     async def complete(self, req: GenerateRequest) -> Done | ErrorEvent:
-        return cast(Done | ErrorEvent, self._stamp(await self._one_shot(lambda s: s.complete(req))))
+        return cast(Done | ErrorEvent, stamp_replica(await self._one_shot(lambda s: s.complete(req)), self.replica))
 
     async def tokenize(self, call: TokenizeCall) -> Tokens | ErrorEvent:
         return cast(Tokens | ErrorEvent, await self._one_shot(lambda s: s.tokenize(call)))

@@ -283,6 +283,14 @@ class ModelService:
         return loaded.engine.stats() if loaded is not None else None
 
 
+def stamp_replica(ev: T, replica: str) -> T:
+    """The final event names the replica that served it (``Timings.replica``): prefix affinity and pool routing
+    are observable from outside."""
+    if isinstance(ev, Done):
+        ev.timings.replica = replica
+    return ev
+
+
 async def report_gauges(m: ModelMetrics, stats: list[EngineStats], use_gpu: bool) -> None:
     """A replica's slot, queue and KV gauges, summed over its engines (one, or each model a pool replica holds);
     nothing while none is loaded."""

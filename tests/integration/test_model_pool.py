@@ -133,9 +133,11 @@ def test_eviction_lets_the_evicted_models_stream_finish_first(pool_app: str) -> 
                 assert "error" not in chunk, chunk
                 if chunk.get("usage"):
                     n = chunk["usage"]["completion_tokens"]
+                    # Stamped as the last chunk arrives, not when the connection closes: the replica frees the
+                    # model only after sending it, so the third model's answer can only come later.
+                    ends[model] = time.perf_counter()
                 reason = next((c["finish_reason"] for c in chunk.get("choices", []) if c.get("finish_reason")),
                               reason)
-        ends[model] = time.perf_counter()
         finished[model] = (n, reason)
 
     threads = [threading.Thread(target=stream, args=(m,)) for m in (ALPHA, BETA)]
