@@ -2,7 +2,8 @@
 before a request produced anything the client saw, the request is sent again, to another replica.
 
 Generation has no side effects, so a request is safe to resend until its first event reached the client: a
-non-streaming one at any point (the client sees nothing until the end), a streaming one until its first event.
+non-streaming one at any point (the client sees nothing until the end), a streaming one until its first visible
+event (tokens whose text is not out yet show nothing).
 A stream that already sent chunks cannot be resent without repeating text; it ends with the retryable error chunk
 (``sse.EventStream``). Ray's router drops a replica it saw die, so the next attempt goes elsewhere; a short pause
 lets it also hear from Serve's controller when a whole node went away.
@@ -19,7 +20,7 @@ import grpc
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import ReplicaUnavailableError
 
-from serve_app.protocol import Event
+from serve_app.protocol import Delta, Event
 from serve_app.ray_errors import unwrap_cause
 
 log = logging.getLogger("ray.serve")
@@ -65,6 +66,14 @@ async def open_stream(start: Callable[[], Any], label: str) -> tuple[Any, Event]
         gen = start()
         try:
             first: Event = await gen.__anext__()
+            # A token with no text yet (part of a character, text held back for a stop string) shows the client
+            # nothing: the request has not started for it until something visible comes.
+            held = 0
+            while isinstance(first, Delta) and _invisible(first):
+                held += first.n_tokens
+                first = await gen.__anext__()
+            if held and isinstance(first, Delta):
+                first.n_tokens += held
             return gen, first
         except StopAsyncIteration:
             gen.cancel()
@@ -78,3 +87,7 @@ async def open_stream(start: Callable[[], Any], label: str) -> tuple[Any, Event]
             gen.cancel()
             raise
     raise AssertionError("unreachable")
+
+
+def _invisible(d: Delta) -> bool:
+    return not (d.text or d.reasoning or d.tool_calls or d.logprobs)

@@ -47,9 +47,11 @@ def serve_config(model: Path, volume: Path, port: int) -> dict[str, Any]:
                      # starts at once, so the ones on the lost node are still running when it dies (with 4 slots,
                      # an uneven split queued the last ones behind the others, and the lost node's had finished).
                      "engine": {"n_parallel": 8, "n_ctx_per_slot": 512, "n_threads": 1, "max_queued_requests": 32},
-                     "replicas": {"num_replicas": 2},
-                     # Load balancing alone (power of two choices): the test places long streams on both nodes.
-                     "routing": {"prefix_affinity": False}},
+                     # The default router: every request is a new conversation, so rendezvous hashing spreads the
+                     # burst over both nodes, and it counts the burst it routes before Serve sends any (Ray's power
+                     # of two choices reads one stale queue length for a whole burst and can put it all on one node,
+                     # leaving no stream on the node that dies).
+                     "replicas": {"num_replicas": 2}},
             "deployments": [
                 {"name": "LlamaModel",
                  "ray_actor_options": {"num_cpus": 1, "resources": {"llama_host": 1}, "runtime_env": LOW_LATENCY}},

@@ -1,5 +1,6 @@
 """A request that has not started is resent when its replica is gone, a bounded number of times, and never when
-the failure is the request's own; every abandoned stream attempt is cancelled so it cannot hold a slot."""
+the failure is the request's own; a stream has started only once the client was sent something visible; every
+abandoned stream attempt is cancelled so it cannot hold a slot."""
 
 from __future__ import annotations
 
@@ -84,3 +85,28 @@ def test_a_stream_is_reopened_before_its_first_event_and_failed_attempts_are_can
     gen, ev = asyncio.run(open_stream(lambda: streams.pop(0), "r4"))
     assert ev is first and gen is started[1]
     assert started[0].cancelled and not started[1].cancelled
+
+
+class ScriptedStream(FakeStream):
+    """Yields its events in order; an exception among them is raised there."""
+
+    def __init__(self, *events: Any) -> None:
+        super().__init__(None)
+        self.events = list(events)
+
+    async def __anext__(self) -> Any:
+        ev = self.events.pop(0)
+        if isinstance(ev, BaseException):
+            raise ev
+        return ev
+
+
+def test_tokens_that_show_nothing_yet_do_not_start_a_stream() -> None:
+    # A token that is part of a character (or held back for a stop string) reaches the client as nothing: losing
+    # the replica then still costs only a resend.
+    lost = ScriptedStream(Delta("", 1), ActorUnavailableError("gone", None))
+    ok = ScriptedStream(Delta("", 1), Delta("", 1), Delta("é", 1))
+    streams = [lost, ok]
+    gen, ev = asyncio.run(open_stream(lambda: streams.pop(0), "r5"))
+    assert gen is ok and lost.cancelled and not ok.cancelled
+    assert isinstance(ev, Delta) and ev.text == "é" and ev.n_tokens == 3
