@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(240)
 
 CLIENTS = 6
-BURST = 8
+BURST = 12
 LOW_LATENCY = {"env_vars": LOW_LATENCY_ENV}
 
 
@@ -46,7 +46,7 @@ def serve_config(model: Path, volume: Path, port: int) -> dict[str, Any]:
                      # Slots for the whole burst on either replica, next to the steady load: every burst stream
                      # starts at once, so the ones on the lost node are still running when it dies (with 4 slots,
                      # an uneven split queued the last ones behind the others, and the lost node's had finished).
-                     "engine": {"n_parallel": 8, "n_ctx_per_slot": 512, "n_threads": 1, "max_queued_requests": 32},
+                     "engine": {"n_parallel": 12, "n_ctx_per_slot": 1024, "n_threads": 1, "max_queued_requests": 32},
                      # The default router: every request is a new conversation, so rendezvous hashing spreads the
                      # burst over both nodes, and it counts the burst it routes before Serve sends any (Ray's power
                      # of two choices reads one stale queue length for a whole burst and can put it all on one node,
@@ -121,7 +121,7 @@ async def load(base: str, until: float, out: list[dict[str, Any]], clients: int 
 
 async def long_stream(base: str, started: asyncio.Event) -> dict[str, Any]:
     async with httpx.AsyncClient(base_url=base, timeout=60) as client:
-        return await one_request(client, stream=True, max_tokens=480, started=started)
+        return await one_request(client, stream=True, max_tokens=960, started=started)
 
 
 def check_outcome(res: dict[str, Any]) -> str:
